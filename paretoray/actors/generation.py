@@ -1,0 +1,91 @@
+"""Greedy generation split into its two phases, timed the honest way.
+
+`prefill` runs the whole prompt once; `decode_one_token` feeds one token. Each phase is timed
+with the device synchronized on both sides (CUDA kernels are asynchronous: without the sync a
+timer measures only the launch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """KV bytes physically held by a cache (what compression saves), not positions masked out."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated token ids (the forced ones in teacher-forced mode)
+    prefill_s: float  # time to first token: the prompt forward plus the first argmax
+    step_s: list[float] = field(default_factory=list)  # one entry per decoded token after the first
+    kv_bytes: int = 0  # KV bytes held when generation ended
+    agreement: float | None = None  # teacher-forced: fraction of steps whose argmax equals the forced token
+
+
+def greedy_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,  # [1, prompt_len]
+    cache: Cache,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    forced_tokens: list[int] | None = None,
+) -> Generation:
+    """Greedy decoding with an explicit cache.
+
+    With `forced_tokens`, the loop feeds those tokens instead of its own argmax (teacher forcing)
+    and reports how often its argmax agreed with them: the fidelity of a technique to the
+    reference continuation, measured on identical prefixes.
+    """
+    device = input_ids.device
+    eos = eos_token_ids or set()
+    steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
+    tokens: list[int] = []
+    agree = 0
+
+    synchronize(device)
+    start = time.perf_counter()
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    next_token = int(logits[0, -1].argmax())
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+
+    step_s: list[float] = []
+    for step in range(steps):
+        if forced_tokens is not None:
+            agree += int(next_token == forced_tokens[step])
+            next_token = forced_tokens[step]
+        tokens.append(next_token)
+        if step == steps - 1 or (forced_tokens is None and next_token in eos):
+            break
+        synchronize(device)
+        start = time.perf_counter()
+        step_input = torch.tensor([[next_token]], device=device)
+        logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits
+        next_token = int(logits[0, -1].argmax())  # .item() syncs: the timer below is honest
+        synchronize(device)
+        step_s.append(time.perf_counter() - start)
+
+    return Generation(
+        tokens=tokens,
+        prefill_s=prefill_s,
+        step_s=step_s,
+        kv_bytes=cache_nbytes(cache),
+        agreement=(agree / steps) if forced_tokens is not None and steps else None,
+    )

@@ -1,0 +1,149 @@
+"""The narrow base every technique builds on: declared parameters, a registry, and generation.
+
+A technique is a frozen dataclass whose fields are its hyperparameters. It declares each field's
+allowed range as a `Param` (used both to validate a configured instance and to validate a sweep's
+search space), registers itself by name, and either supplies a KV cache (`new_cache`) to the shared
+greedy loop or overrides `generate` entirely (speculative decoding does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from paretoray.actors.generation import Generation, greedy_generate
+
+ParamKind = Literal["int", "float", "categorical"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter of a technique: its kind, the range it is meaningful in, its default."""
+
+    kind: ParamKind
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    log: bool = False  # a natural log-scale range: sweeps default to sampling it on a log scale
+    doc: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Return why `value` is not allowed, or None when it is."""
+        if self.kind == "categorical":
+            return None if value in (self.choices or ()) else f"expected one of {list(self.choices or ())}, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {value!r}"
+        if self.kind == "int" and not float(value).is_integer():
+            return f"expected an integer, got {value!r}"
+        if self.kind == "float" and not math.isfinite(value):
+            return f"expected a finite number, got {value!r}"
+        if self.low is not None and value < self.low:
+            return f"expected >= {self.low}, got {value!r}"
+        if self.high is not None and value > self.high:
+            return f"expected <= {self.high}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"one of {list(self.choices or ())}"
+        scale = ", log" if self.log else ""
+        return f"{self.kind} in [{self.low}, {self.high}]{scale}"
+
+
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: make a technique available to sweeps under `cls.name`."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__qualname__} needs a class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"technique name {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    if set(cls.params) != field_names:
+        raise TypeError(f"{cls.__qualname__}: declared params {sorted(cls.params)} must equal its fields {sorted(field_names)}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+class UnknownTechniqueError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def technique_class(name: str) -> type[Technique]:
+    from paretoray.actors import techniques  # noqa: F401  (imports every technique module once)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownTechniqueError(f"unknown technique {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_techniques() -> dict[str, type[Technique]]:
+    from paretoray.actors import techniques  # noqa: F401
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def build_technique(name: str, params: dict[str, Any]) -> Technique:
+    """Instantiate a registered technique; missing parameters take their declared defaults."""
+    cls = technique_class(name)
+    unknown = set(params) - set(cls.params)
+    if unknown:
+        raise ValueError(f"{name}: unknown parameter(s) {sorted(unknown)}; declared: {sorted(cls.params)}")
+    values = {key: params.get(key, spec.default) for key, spec in cls.params.items()}
+    for key, spec in cls.params.items():
+        if spec.kind == "int":
+            values[key] = int(values[key])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """Base class. Subclasses are frozen dataclasses declaring `name` and `params`."""
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Param]]
+    phase: ClassVar[str] = "decode"  # what the technique changes: "none", "kv-cache", "decode" ...
+
+    def __post_init__(self) -> None:
+        problems = [f"{key}: {why}" for key, spec in self.params.items() if (why := spec.check(getattr(self, key)))]
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
+
+    @property
+    def label(self) -> str:
+        """A name that records the configuration, for run names and plot legends."""
+        args = ",".join(f"{key}={getattr(self, key)}" for key in self.params)
+        return f"{self.name}({args})" if args else self.name
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        """The KV cache this technique decodes with; the default is the full (dense) cache."""
+        return DynamicCache(config=model.config)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_ids: set[int] | None = None,
+        forced_tokens: list[int] | None = None,
+    ) -> Generation:
+        """Greedy prefill + decode with this technique's cache (see `greedy_generate`)."""
+        return greedy_generate(
+            model,
+            input_ids,
+            self.new_cache(model),
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_token_ids,
+            forced_tokens=forced_tokens,
+        )

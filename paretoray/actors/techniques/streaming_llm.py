@@ -1,0 +1,117 @@
+"""StreamingLLM: attention sinks plus a rolling window of recent tokens.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
+(arXiv:2309.17453; reference code mit-han-lab/streaming-llm).
+
+Eviction: the cache holds the first `n_sink` tokens and the last `window` tokens; every forward
+attends to what the cache holds plus its own new tokens, then the oldest non-sink entries are
+dropped. A prompt is prefilled in one forward with full attention inside it (as the reference's
+chat demo does for each prompt); from then on each decoded token sees sinks + window + itself.
+
+Positions: the paper assigns positions by index in the cache, not in the text; the reference
+stores keys before RoPE and re-rotates the whole cache every step. RoPE scores depend only on
+the query-key distance, so we keep recent keys (contiguous in the text) at their original
+positions, feed new tokens at their original positions, and rotate only the sink keys forward by
+the number of evicted tokens. Every distance then equals the cache-index distance of the paper,
+at O(n_sink) instead of O(window) extra work per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+
+from paretoray.actors.techniques.base import Param, Technique, register
+
+
+def rotate_by(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE-rotated keys `shift` positions further (HF's rotate-half layout).
+
+    keys: [batch, kv_heads, n, head_dim]; inv_freq: [head_dim // 2].
+    """
+    angle = shift * inv_freq.to(device=keys.device, dtype=torch.float64)
+    angle = torch.cat([angle, angle]).to(torch.float32)
+    half = keys.shape[-1] // 2
+    k = keys.float()
+    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * angle.cos() + rotated_half * angle.sin()).to(keys.dtype)
+
+
+def rope_inv_freq(model: PreTrainedModel) -> torch.Tensor:
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return inv_freq.detach()
+    raise ValueError(f"streaming_llm needs a model with rotary position embeddings; {type(model).__name__} has none")
+
+
+class SinkWindowLayer(DynamicLayer):
+    """One layer's cache: `n_sink` attention sinks + the `window` most recent tokens."""
+
+    is_croppable = False
+
+    def __init__(self, n_sink: int, window: int, inv_freq: torch.Tensor):
+        super().__init__()
+        self.n_sink, self.window, self.inv_freq = n_sink, window, inv_freq
+        self.seen = 0  # tokens fed so far: the next token's position in the text
+        self.evicted = 0  # tokens dropped so far: how far the sinks must move forward
+        self._sinks_unshifted: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        excess = keys.shape[-2] - (self.n_sink + self.window)
+        if excess <= 0:
+            self.keys, self.values = keys, values
+            return keys, values
+        if self._sinks_unshifted is None:
+            self._sinks_unshifted = keys[..., : self.n_sink, :]
+        self.evicted += excess
+        # Rotated from the unshifted copy each time, so rounding does not accumulate.
+        sinks = rotate_by(self._sinks_unshifted, self.evicted, self.inv_freq)
+        self.keys = torch.cat([sinks, keys[..., keys.shape[-2] - self.window :, :]], dim=-2)
+        self.values = torch.cat([values[..., : self.n_sink, :], values[..., values.shape[-2] - self.window :, :]], dim=-2)
+        return keys, values  # this forward still attends to everything it was given
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        # All stored entries precede the new queries; place them just before position `seen`.
+        return stored + query_length, self.seen - stored
+
+    def kept_positions(self) -> list[int]:
+        """Original text positions of the stored entries (sinks, then the recent window)."""
+        if self.seen <= self.n_sink + self.window:
+            return list(range(self.seen))
+        return list(range(self.n_sink)) + list(range(self.seen - self.window, self.seen))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a StreamingLLM cache has already evicted what a rollback would need")
+
+
+@register
+@dataclass(frozen=True)
+class StreamingLLM(Technique):
+    n_sink: int = 4
+    window: int = 1020
+
+    name = "streaming_llm"
+    phase = "kv-cache"
+    params = {
+        "n_sink": Param("int", 4, low=0, high=64, doc="initial tokens kept as attention sinks (paper: 4)"),
+        "window": Param("int", 1020, low=1, high=131072, log=True, doc="most recent tokens kept"),
+    }
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        inv_freq = rope_inv_freq(model)
+        return Cache(
+            layers=[SinkWindowLayer(self.n_sink, self.window, inv_freq) for _ in range(model.config.num_hidden_layers)]
+        )

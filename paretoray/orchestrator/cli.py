@@ -1,0 +1,207 @@
+"""`paretoray`: run sweeps of inference techniques and read their Pareto fronts.
+
+Typical flow:
+  paretoray sweep run sweeps/quickstart.yaml      # Ray actors x Optuna, recorded in MLflow
+  paretoray results quickstart --pareto           # the front as a table (or --format json|csv)
+  paretoray ui                                    # browse every trial in the MLflow UI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+EXAMPLES = """\
+examples:
+  paretoray sweep run sweeps/quickstart.yaml
+  paretoray sweep run sweeps/quickstart.yaml --trials 20 --name qs-long
+  paretoray sweep run sweeps/quickstart.yaml --ray-address auto        # join a running cluster
+  paretoray sweep resume quickstart                                     # after an interruption
+  paretoray results quickstart --pareto --format json
+  paretoray techniques                                                  # what can be swept
+  paretoray ui --port 5000
+
+stores (every command): --tracking-uri (env PARETORAY_TRACKING_URI) and --storage
+(env PARETORAY_STORAGE); by default both are SQLite files under ./paretoray-runs/
+(env PARETORAY_HOME moves that folder). A --storage ending in .log is Optuna's journal file.
+"""
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (sqlite:///..., postgresql://..., http://HOST:5000)")
+    parser.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., or a .log journal file)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=int, help="total number of finished trials to reach (default: the spec's)")
+    parser.add_argument("--ray-address", default=os.environ.get("PARETORAY_RAY_ADDRESS"),
+                        help="Ray cluster to join: 'auto', ray://HEAD:10001, ... (default: start a local Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    _add_store_options(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paretoray",
+        description="Sweep long-context inference techniques (KV-cache compression, sparse attention, speculative "
+        "decoding) on Ray actors with Optuna, record every trial and the Pareto front in MLflow.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sweep = commands.add_parser("sweep", help="run, resume or validate a sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EXAMPLES)
+    sweep_commands = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
+    run = sweep_commands.add_parser("run", help="run a sweep from a YAML spec (see sweeps/ and README: sweep YAML reference)")
+    run.add_argument("spec", type=Path, help="sweep YAML file")
+    run.add_argument("--name", help="sweep name (default: the spec's `name`, else the file's stem)")
+    _add_run_options(run)
+    resume = sweep_commands.add_parser("resume", help="continue an interrupted sweep from its Optuna storage")
+    resume.add_argument("name", help="the sweep's name")
+    _add_run_options(resume)
+    validate = sweep_commands.add_parser("validate", help="check a sweep YAML without running anything")
+    validate.add_argument("spec", type=Path)
+
+    results = commands.add_parser("results", help="print a sweep's trials or its Pareto front")
+    results.add_argument("name", help="the sweep's name")
+    results.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
+    results.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _add_store_options(results)
+
+    commands.add_parser("techniques", help="list the registered techniques and their parameters")
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    _add_store_options(ui)
+    return parser
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from paretoray.orchestrator.controller import Controller, SweepError
+    from paretoray.orchestrator.spec import SpecError, load_spec
+    from paretoray.orchestrator.stores import resolve_stores
+
+    try:
+        if args.sweep_command == "validate":
+            spec = load_spec(args.spec)
+            print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
+            return 0
+        stores = resolve_stores(args.tracking_uri, args.storage)
+        if args.sweep_command == "run":
+            spec = load_spec(args.spec)
+            if args.name:
+                spec = spec.model_copy(update={"name": args.name})
+            controller = Controller(spec, stores, spec_text=args.spec.read_text())
+            result = controller.run(trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
+        else:
+            controller = Controller.for_resume(args.name, stores)
+            result = controller.run(resume=True, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
+    except SpecError as error:
+        return _fail(str(error))
+    except SweepError as error:
+        return _fail(str(error), 1)
+    except KeyboardInterrupt:
+        name = getattr(args, "name", None) or "NAME"
+        return _fail(f"interrupted; finished trials are recorded. Continue with: paretoray sweep resume {name}", 130)
+    from paretoray.orchestrator import pareto
+
+    print(f"\nsweep {result.name}: {result.trials_finished} trials finished ({result.trials_failed} failed) "
+          f"in {result.wall_s:.0f} s")
+    objectives = list(controller.spec.objectives)
+    print(_table(pareto.front_frame(result.rows, objectives, pareto_only=True), objectives))
+    print(f"\nMLflow parent run {result.parent_run_id} ({stores.tracking_uri})")
+    print(f"browse it:  paretoray ui{_store_flags(args)}")
+    return 0
+
+
+def _store_flags(args: argparse.Namespace) -> str:
+    flags = ""
+    if getattr(args, "tracking_uri", None):
+        flags += f" --tracking-uri {args.tracking_uri}"
+    return flags
+
+
+def _table(frame, objectives: list[str]) -> str:
+    import polars as pl
+
+    shown = frame.select(["trial", "technique", "label", *objectives, "pareto"])
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True, float_precision=4):
+        return str(shown)
+
+
+def _results(args: argparse.Namespace) -> int:
+    from paretoray.orchestrator import pareto
+    from paretoray.orchestrator.controller import study_exists
+    from paretoray.orchestrator.stores import resolve_stores
+
+    stores = resolve_stores(args.tracking_uri, args.storage)
+    storage = stores.optuna_storage()
+    if not study_exists(storage, args.name):
+        known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        return _fail(f"no sweep named {args.name!r} in {stores.storage}; known: {', '.join(known) or 'none'}")
+    study = optuna.load_study(study_name=args.name, storage=storage)
+    objectives = study.user_attrs.get("paretoray.objectives") or [f"objective_{i}" for i in range(len(study.directions))]
+    rows = pareto.trial_rows(study, objectives)
+    if args.pareto:
+        rows = [r for r in rows if r["pareto"]]
+    if args.format == "json":
+        keys = ("trial", "technique", "params", "metrics", "pareto", "mlflow_run_id")
+        print(json.dumps([{k: r[k] for k in keys} | {"state": r["state"]} for r in rows], indent=2, default=str))
+    elif args.format == "csv":
+        print(pareto.front_frame(rows, objectives).write_csv(), end="")
+    else:
+        print(_table(pareto.front_frame(rows, objectives), objectives))
+    return 0
+
+
+def _techniques() -> int:
+    from paretoray.actors.techniques import available_techniques
+
+    for name, cls in available_techniques().items():
+        print(f"{name}  ({cls.phase})  {(cls.__module__ and sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+        for key, param in cls.params.items():
+            print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from paretoray.orchestrator.stores import resolve_stores
+
+    stores = resolve_stores(args.tracking_uri, args.storage)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)", flush=True)
+    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "results":
+        return _results(args)
+    if args.command == "techniques":
+        return _techniques()
+    return _ui(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

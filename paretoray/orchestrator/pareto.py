@@ -1,0 +1,164 @@
+"""A sweep's trials as a table and its Pareto front as plots.
+
+The front is Optuna's (`study.best_trials`: non-dominated among feasible trials); nothing here
+sorts by domination itself. Tables are polars frames; plots are plotly (HTML, self-contained)
+and matplotlib (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import polars as pl
+from optuna.trial import TrialState
+
+from paretoray.actors.metrics import METRICS
+
+
+def pareto_numbers(study: optuna.Study) -> set[int]:
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return set()
+    return {t.number for t in study.best_trials}
+
+
+def trial_rows(study: optuna.Study, objectives: list[str]) -> list[dict[str, Any]]:
+    """One plain record per finished trial (complete or failed), in trial order."""
+    front = pareto_numbers(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if t.user_attrs.get("interrupted"):
+            continue  # re-asked as a new trial on resume
+        metrics = t.user_attrs.get("metrics", {})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "technique": t.user_attrs.get("technique", t.params.get("technique")),
+                "label": t.user_attrs.get("label", ""),
+                "params": t.user_attrs.get("params", {}),
+                "metrics": metrics,
+                "objectives": {name: metrics.get(name) for name in objectives},
+                "feasible": _feasible(t),
+                "pareto": t.number in front,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    return rows
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    constraints = trial.system_attrs.get("constraints")
+    if constraints is None:
+        constraints = [v for k, v in trial.system_attrs.items() if k.startswith("constraints:")]
+    return all(v <= 0 for v in constraints)
+
+
+def front_frame(rows: list[dict[str, Any]], objectives: list[str], pareto_only: bool = False) -> pl.DataFrame:
+    """A flat table: trial, technique, label, each objective, pareto, feasible, params (JSON), run id."""
+    records = []
+    for row in rows:
+        if pareto_only and not row["pareto"]:
+            continue
+        record = {"trial": row["trial"], "state": row["state"], "technique": row["technique"], "label": row["label"]}
+        for name in objectives:
+            value = row["metrics"].get(name)
+            record[name] = float(value) if value is not None else None
+        record.update(
+            pareto=row["pareto"],
+            feasible=row["feasible"],
+            params=json.dumps(row["params"], sort_keys=True),
+            mlflow_run_id=row["mlflow_run_id"],
+        )
+        records.append(record)
+    schema = {"trial": pl.Int64, "state": pl.String, "technique": pl.String, "label": pl.String}
+    schema |= {name: pl.Float64 for name in objectives}
+    schema |= {"pareto": pl.Boolean, "feasible": pl.Boolean, "params": pl.String, "mlflow_run_id": pl.String}
+    return pl.DataFrame(records, schema=schema, orient="row")
+
+
+def _axis_title(name: str) -> str:
+    metric = METRICS.get(name)
+    if metric is None:
+        return name
+    return f"{name} ({metric.unit}, {'higher' if metric.higher_is_better else 'lower'} is better)"
+
+
+def _complete(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]]:
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    return [r for r in rows if r["state"] == "complete" and finite(r["metrics"].get(x)) and finite(r["metrics"].get(y))]
+
+
+def _front_line(points: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    front = sorted((r for r in points if r["pareto"]), key=lambda r: (r["metrics"][x], r["metrics"][y]))
+    return [r["metrics"][x] for r in front], [r["metrics"][y] for r in front]
+
+
+def plot_html(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
+    """Interactive front: one colour per technique, dominated trials faded, hover shows params."""
+    import plotly.graph_objects as go
+
+    x, y = objectives[0], objectives[1] if len(objectives) > 1 else objectives[0]
+    points = _complete(rows, x, y)
+    fig = go.Figure()
+    for technique in sorted({r["technique"] for r in points}):
+        mine = [r for r in points if r["technique"] == technique]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["metrics"][x] for r in mine],
+                y=[r["metrics"][y] for r in mine],
+                mode="markers",
+                name=technique,
+                marker={
+                    "size": [13 if r["pareto"] else 8 for r in mine],
+                    "opacity": [1.0 if r["pareto"] else 0.3 for r in mine],
+                    "line": {"width": [1.5 if r["pareto"] else 0 for r in mine], "color": "black"},
+                },
+                text=[
+                    f"trial {r['trial']}{' (Pareto)' if r['pareto'] else ''}<br>{r['label']}<br>"
+                    + "<br>".join(f"{k}: {v:.4g}" for k, v in r["objectives"].items() if v is not None)
+                    for r in mine
+                ],
+                hoverinfo="text",
+            )
+        )
+    fx, fy = _front_line(points, x, y)
+    fig.add_trace(go.Scatter(x=fx, y=fy, mode="lines", name="Pareto front", line={"shape": "hv", "dash": "dot", "color": "gray"}))
+    fig.update_layout(title=title, xaxis_title=_axis_title(x), yaxis_title=_axis_title(y), template="plotly_white")
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def plot_png(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = objectives[0], objectives[1] if len(objectives) > 1 else objectives[0]
+    points = _complete(rows, x, y)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, technique in enumerate(sorted({r["technique"] for r in points})):
+        colour = f"C{i}"
+        mine = [r for r in points if r["technique"] == technique]
+        dominated = [r for r in mine if not r["pareto"]]
+        front = [r for r in mine if r["pareto"]]
+        ax.scatter([r["metrics"][x] for r in dominated], [r["metrics"][y] for r in dominated], color=colour, alpha=0.3, s=25)
+        ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front], color=colour, edgecolor="black", s=60, label=technique)
+    fx, fy = _front_line(points, x, y)
+    ax.step(fx, fy, where="post", color="gray", linestyle=":", label="Pareto front")
+    ax.set_xlabel(_axis_title(x))
+    ax.set_ylabel(_axis_title(y))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

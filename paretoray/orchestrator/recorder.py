@@ -1,0 +1,174 @@
+"""MLflow records of a sweep: one parent run, one nested run per trial, the front on the parent.
+
+Only the controller writes here. Logging a trial is idempotent (a finished run for the same trial
+number is found and reused), which is what lets a resumed sweep reconcile without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from paretoray.orchestrator import pareto
+from paretoray.orchestrator.stores import Stores
+
+TRIAL_TAG = "paretoray.trial"
+SWEEP_TAG = "paretoray.sweep"
+RECORD_FILE = "trial.json"
+
+
+def _flat_params(record: dict[str, Any]) -> dict[str, str]:
+    params = {"technique": str(record.get("technique"))}
+    params.update({f"{record.get('technique')}.{k}": str(v) for k, v in record.get("params", {}).items()})
+    return params
+
+
+class Recorder:
+    def __init__(self, stores: Stores, sweep: str):
+        self.client = MlflowClient(tracking_uri=stores.tracking_uri)
+        self.sweep = sweep
+        experiment = self.client.get_experiment_by_name(sweep)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                sweep, artifact_location=f"{stores.artifact_root}/{sweep}" if stores.artifact_root else None
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+        self._pareto_tags: dict[str, str] = {}
+
+    # ---- the sweep ------------------------------------------------------------------------
+
+    def start_sweep(self, spec_json: dict[str, Any], spec_text: str | None) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"sweep {self.sweep}",
+            tags={SWEEP_TAG: self.sweep, "paretoray.role": "sweep", "paretoray.model": spec_json["model"]["id"],
+                  "paretoray.task": spec_json["workload"]["task"]},
+        )
+        run_id = run.info.run_id
+        params = {
+            "model": spec_json["model"]["id"],
+            "dtype": spec_json["model"]["dtype"],
+            "task": spec_json["workload"]["task"],
+            "context_lengths": ",".join(map(str, spec_json["workload"]["context_lengths"])),
+            "samples_per_length": spec_json["workload"]["samples_per_length"],
+            "sampler": spec_json["sampler"]["name"],
+            "trials": spec_json["trials"],
+            "actors": spec_json["actors"]["count"],
+            "techniques": ",".join(spec_json["techniques"]),
+            "objectives": ",".join(f"{k}:{v}" for k, v in spec_json["objectives"].items()),
+            "constraints": ";".join(spec_json["constraints"]) or "none",
+        }
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.log_dict(run_id, spec_json, "spec.json")
+        if spec_text is not None:
+            self.client.log_text(run_id, spec_text, "spec.yaml")
+        return run_id
+
+    def reopen_sweep(self, parent_run_id: str) -> None:
+        self.client.update_run(parent_run_id, status="RUNNING")
+
+    def finish_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(parent_run_id, status=status)
+
+    # ---- trials ---------------------------------------------------------------------------
+
+    def find_trial_run(self, parent_run_id: str, number: int):
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}'",
+            max_results=10,
+        )
+        return runs[0] if runs else None
+
+    def load_record(self, run_id: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(run_id, RECORD_FILE, tmp)
+            return json.loads(Path(path).read_text())
+
+    def discard_run(self, run_id: str) -> None:
+        """A run left half-written by a controller that died: hide it, its trial will run again."""
+        self.client.delete_run(run_id)
+
+    def log_trial(self, parent_run_id: str, number: int, record: dict[str, Any], spec_json: dict[str, Any]) -> str:
+        existing = self.find_trial_run(parent_run_id, number)
+        if existing is not None and existing.info.status in ("FINISHED", "FAILED"):
+            return existing.info.run_id
+        if existing is not None:
+            self.discard_run(existing.info.run_id)
+        ok = record.get("status") == "ok"
+        actor = record.get("actor", {})
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent_run_id,
+            MLFLOW_RUN_NAME: f"{number:04d} {record.get('label') or record.get('technique')}",
+            TRIAL_TAG: str(number),
+            SWEEP_TAG: self.sweep,
+            "paretoray.role": "trial",
+            "paretoray.technique": str(record.get("technique")),
+            "paretoray.model": spec_json["model"]["id"],
+            "paretoray.task": spec_json["workload"]["task"],
+            "paretoray.status": str(record.get("status")),
+            "paretoray.node_ip": str(actor.get("node_ip", "local")),
+            "paretoray.node_id": str(actor.get("node_id", "local")),
+            "paretoray.gpu_ids": ",".join(actor.get("gpu_ids", [])) or "none",
+            "pareto": "false",
+        }
+        tags.update({f"env.{k}": str(v) for k, v in record.get("env", {}).items()})
+        if record.get("error"):
+            tags["paretoray.error"] = str(record["error"])[:4000]
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        run_id = run.info.run_id
+        metrics = [
+            Metric(k, float(v), 0, 0)
+            for k, v in record.get("metrics", {}).items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        metrics.append(Metric("wall_s", float(record.get("wall_s", 0.0)), 0, 0))
+        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _flat_params(record).items()])
+        self.client.log_text(run_id, json.dumps(record, indent=1, default=str), RECORD_FILE)
+        if record.get("traceback"):
+            self.client.log_text(run_id, record["traceback"], "traceback.txt")
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        return run_id
+
+    # ---- the front ------------------------------------------------------------------------
+
+    def update_front(self, parent_run_id: str, study: optuna.Study, objectives: list[str], final: bool = False) -> list[dict[str, Any]]:
+        """Tag front members, log the front table and plots on the parent run."""
+        rows = pareto.trial_rows(study, objectives)
+        for row in rows:
+            run_id = row["mlflow_run_id"]
+            wanted = "true" if row["pareto"] else "false"
+            if run_id and self._pareto_tags.get(run_id) != wanted:
+                self.client.set_tag(run_id, "pareto", wanted)
+                self._pareto_tags[run_id] = wanted
+        complete = [r for r in rows if r["state"] == "complete"]
+        self.client.log_batch(
+            parent_run_id,
+            metrics=[
+                Metric("trials_finished", len(rows), 0, len(rows)),
+                Metric("trials_complete", len(complete), 0, len(rows)),
+                Metric("pareto_size", sum(r["pareto"] for r in rows), 0, len(rows)),
+            ],
+        )
+        if not complete:
+            return rows
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            table = pareto.front_frame(rows, objectives)
+            table.write_parquet(folder / "trials.parquet")
+            table.filter(table["pareto"]).write_parquet(folder / "pareto_front.parquet")
+            title = f"{self.sweep}: Pareto front ({len(complete)} trials)"
+            pareto.plot_html(rows, objectives, title, folder / "pareto_front.html")
+            pareto.plot_png(rows, objectives, title, folder / "pareto_front.png")
+            for name in ("trials.parquet", "pareto_front.parquet", "pareto_front.html", "pareto_front.png"):
+                self.client.log_artifact(parent_run_id, str(folder / name))
+        return rows

@@ -1,0 +1,54 @@
+"""Where a sweep's records live: the MLflow tracking store and the Optuna study storage.
+
+Embedded defaults put both on SQLite under `./paretoray-runs/` (override the folder with
+`PARETORAY_HOME`). Every command takes `--tracking-uri` and `--storage`, which fall back to
+`PARETORAY_TRACKING_URI` and `PARETORAY_STORAGE`. A storage ending in `.log` or `.journal` (or
+starting with `journal:`) is Optuna's crash-safe journal file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+
+@dataclass(frozen=True)
+class Stores:
+    tracking_uri: str
+    storage: str
+    artifact_root: str | None  # where new MLflow experiments keep artifacts (None: the server decides)
+
+    def optuna_storage(self) -> BaseStorage:
+        url = self.storage
+        if url.startswith("journal:") or url.endswith((".log", ".journal")):
+            path = Path(url.removeprefix("journal:").removeprefix("//"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return RDBStorage(url, heartbeat_interval=None)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def resolve_stores(tracking_uri: str | None = None, storage: str | None = None, home: str | None = None) -> Stores:
+    base = Path(home or os.environ.get("PARETORAY_HOME", "paretoray-runs")).absolute()
+    tracking = tracking_uri or os.environ.get("PARETORAY_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
+    study_storage = storage or os.environ.get("PARETORAY_STORAGE") or f"sqlite:///{base / 'optuna.db'}"
+    sqlite = _sqlite_path(tracking)
+    if sqlite is not None:
+        sqlite.parent.mkdir(parents=True, exist_ok=True)
+        artifact_root: str | None = (sqlite.parent / "artifacts").absolute().as_uri()
+    elif tracking.startswith(("http://", "https://", "databricks")):
+        artifact_root = None
+    else:
+        artifact_root = (base / "artifacts").as_uri()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return Stores(tracking_uri=tracking, storage=study_storage, artifact_root=artifact_root)
