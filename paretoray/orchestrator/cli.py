@@ -100,14 +100,15 @@ def _sweep(args: argparse.Namespace) -> int:
             spec = load_spec(args.spec)
             print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
             return 0
-        stores = resolve_stores(args.tracking_uri, args.storage)
         if args.sweep_command == "run":
-            spec = load_spec(args.spec)
+            spec = load_spec(args.spec)  # before anything is created: a bad file leaves no trace
+            stores = resolve_stores(args.tracking_uri, args.storage)
             if args.name:
                 spec = spec.model_copy(update={"name": args.name})
             controller = Controller(spec, stores, spec_text=args.spec.read_text())
             result = controller.run(trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
         else:
+            stores = resolve_stores(args.tracking_uri, args.storage)
             controller = Controller.for_resume(args.name, stores)
             result = controller.run(resume=True, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
     except SpecError as error:
@@ -138,8 +139,9 @@ def _store_flags(args: argparse.Namespace) -> str:
 def _table(frame, objectives: list[str]) -> str:
     import polars as pl
 
-    shown = frame.select(["trial", "technique", "label", *objectives, "pareto"])
-    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=60, tbl_hide_dataframe_shape=True, float_precision=4):
+    shown = frame.select(["trial", "label", *objectives, "pareto"])
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=80, tbl_width_chars=240, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True, float_precision=4):
         return str(shown)
 
 

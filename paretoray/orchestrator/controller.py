@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from paretoray.actors.actor import create_actor
 from paretoray.orchestrator.recorder import Recorder
-from paretoray.orchestrator.spec import Constraint, Dimension, SweepSpec, constraints, parse, search_space
+from paretoray.orchestrator.spec import Constraint, Dimension, SweepSpec, constraints, grid_size, parse, search_space
 from paretoray.orchestrator.stores import Stores
 
 SPEC_ATTR = "paretoray.spec"
@@ -51,6 +52,13 @@ class SweepResult:
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    # TPE's `group` and the brute-force sampler are marked experimental; the warning is noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _make_sampler(spec)
+
+
+def _make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     s = spec.sampler
     if s.name == "nsga2":
         # A population of 50 (Optuna's default) would leave a 10-trial sweep purely random.
@@ -64,9 +72,17 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials or 10)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
-    # Optuna's GridSampler cannot express conditional spaces (each technique has its own
-    # parameters); BruteForceSampler enumerates exactly the finite, conditional grid.
-    return optuna.samplers.BruteForceSampler(seed=s.seed)
+    return _ConditionalGridSampler(seed=s.seed)
+
+
+class _ConditionalGridSampler(optuna.samplers.BruteForceSampler):
+    """Optuna's GridSampler cannot express conditional spaces (each technique has its own
+    parameters); BruteForceSampler enumerates exactly that finite tree. Its `after_trial` only
+    stops `study.optimize` once the tree is exhausted, which raises under ask/tell, so the
+    controller caps the trial count at the grid's size instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
 
 
 def suggest(trial: Trial, space: dict[str, list[Dimension]]) -> tuple[str, dict[str, Any]]:
@@ -177,6 +193,10 @@ class Controller:
                 f"continue it with `paretoray sweep resume {self.name}` or pick another `--name`"
             )
         target = trials or self.spec.trials
+        points = grid_size(self.space) if self.spec.sampler.name == "grid" else None
+        if points is not None and target > points:
+            print(f"note: the grid has {points} points; running {points} trials instead of {target}", file=sys.stderr)
+            target = points
         connect_ray(ray_address, self.spec)
         actors = start_actors(self.spec, self.spec.actors.count)
 
@@ -205,10 +225,7 @@ class Controller:
         try:
             while True:
                 while free and done + len(pending) < target:
-                    trial = study.ask()
-                    technique, params = suggest(trial, self.space)
-                    trial.set_user_attr("technique", technique)
-                    trial.set_user_attr("params", params)
+                    trial, technique, params = self._ask_new(study)
                     actor = free.pop()
                     request = {"trial": trial.number, "technique": technique, "params": params, "workload": self.spec_json["workload"]}
                     pending[actor.run_trial.remote(request)] = (trial, actor)
@@ -237,11 +254,36 @@ class Controller:
             bar.close()
             if status == "KILLED":
                 recorder.finish_sweep(parent, "KILLED")
+            for actor in free + [actor for _, actor in pending.values()]:
+                ray.kill(actor)
         rows = recorder.update_front(parent, study, self.objectives, final=True)
         recorder.finish_sweep(parent, "FINISHED")
         return SweepResult(self.name, done, failed, rows, parent, time.perf_counter() - started)
 
     # ---- per trial ------------------------------------------------------------------------
+
+    def _ask_new(self, study: optuna.Study, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
+        """Ask until Optuna proposes a configuration not measured or in flight already.
+
+        A technique without parameters (dense) or a narrow integer range is proposed again and
+        again; re-measuring it spends a trial on noise. Repeats are told PRUNED (not counted,
+        not logged), as Optuna's FAQ suggests; after `max_repeats` in a row the space is
+        exhausted in practice and the repeat is run.
+        """
+        seen = {
+            json.dumps(t.params, sort_keys=True)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        }
+        for attempt in range(max_repeats + 1):
+            trial = study.ask()
+            technique, params = suggest(trial, self.space)
+            if json.dumps(trial.params, sort_keys=True) not in seen or attempt == max_repeats:
+                break
+            trial.set_user_attr("repeat_of_measured_config", True)
+            study.tell(trial, state=TrialState.PRUNED)
+        trial.set_user_attr("technique", technique)
+        trial.set_user_attr("params", params)
+        return trial, technique, params
 
     def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any]) -> bool:
         """Log to MLflow first, then tell Optuna (resume relies on this order)."""

@@ -137,6 +137,29 @@ class Dimension:
     def is_finite(self) -> bool:
         return self.kind in ("fixed", "categorical") or self.step is not None or (self.kind == "int" and not self.log)
 
+    @property
+    def size(self) -> int | None:
+        """How many values a grid over this dimension has (None: not a finite grid)."""
+        if self.kind == "fixed":
+            return 1
+        if self.kind == "categorical":
+            return len(self.choices)
+        if not self.is_finite:
+            return None
+        return int((self.high - self.low) // (self.step or 1)) + 1
+
+
+def grid_size(space: dict[str, list[Dimension]]) -> int | None:
+    total = 0
+    for dims in space.values():
+        points = 1
+        for dim in dims:
+            if dim.size is None:
+                return None
+            points *= dim.size
+        total += points
+    return total
+
 
 @dataclass(frozen=True)
 class Constraint:

@@ -1,0 +1,65 @@
+"""The controller's Optuna side, without Ray: conditional spaces, samplers, repeated configurations."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from paretoray.orchestrator.controller import Controller, make_sampler
+from paretoray.orchestrator.spec import grid_size, parse, search_space
+from paretoray.orchestrator.stores import resolve_stores
+
+
+def spec(sampler: str = "random", window=(8, 16)):
+    return parse(
+        {
+            "name": "c",
+            "model": "smollm2-135m",
+            "workload": {"context_lengths": [256]},
+            "techniques": {"dense": {}, "streaming_llm": {"n_sink": [0, 4], "window": list(window)}},
+            "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
+            "sampler": {"name": sampler, "seed": 0},
+            "trials": 5,
+        },
+        "<test>",
+    )
+
+
+@pytest.mark.parametrize("name", ["nsga2", "tpe", "gp", "random", "grid"])
+def test_every_sampler_builds_and_suggests_a_conditional_space(name):
+    s = spec(name)
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(s))
+    controller_space = search_space(s)
+    from paretoray.orchestrator.controller import suggest
+
+    for _ in range(4):
+        trial = study.ask()
+        technique, params = suggest(trial, controller_space)
+        if technique == "dense":
+            assert params == {} and set(trial.params) == {"technique"}
+        else:
+            assert set(params) == {"n_sink", "window"}
+        study.tell(trial, [1.0, 0.5])
+
+
+def test_grid_size_counts_the_conditional_tree():
+    assert grid_size(search_space(spec("grid"))) == 1 + 2 * 2
+
+
+def test_repeated_configurations_are_not_measured_twice(tmp_path):
+    controller = Controller(spec("random"), resolve_stores(home=str(tmp_path)))
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(controller.spec))
+    measured = []
+    for _ in range(5):  # exactly the size of the grid: every configuration once
+        trial, technique, params = controller._ask_new(study)
+        measured.append(json.dumps(trial.params, sort_keys=True))
+        study.tell(trial, [1.0, 0.5])
+    assert len(set(measured)) == 5
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["repeat_of_measured_config"] for t in pruned)
+    # The space is exhausted now: after the bound, a repeat is run rather than looping forever.
+    trial, _, _ = controller._ask_new(study, max_repeats=3)
+    assert json.dumps(trial.params, sort_keys=True) in measured

@@ -1,0 +1,57 @@
+"""The actor's compute, without Ray: a trial is plain data in, plain data out, and never raises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from paretoray.actors.runner import TrialRunner
+
+WORKLOAD = {"task": "passkey", "context_lengths": [256, 320], "samples_per_length": 2, "max_new_tokens": 5, "fidelity": True}
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    return TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1)
+
+
+def test_trial_record_is_plain_data_with_every_metric(runner):
+    record = runner.run_trial({"trial": 3, "technique": "streaming_llm", "params": {"window": 16}, "workload": WORKLOAD})
+    assert record["status"] == "ok", record["traceback"]
+    json.dumps(record)  # plain data: crosses Ray and lands in MLflow as JSON
+    assert record["params"] == {"n_sink": 4, "window": 16}
+    assert record["label"] == "streaming_llm(n_sink=4,window=16)"
+    metrics = record["metrics"]
+    for name in ("accuracy", "fidelity", "latency_ms_per_token", "ttft_ms", "tokens_per_s", "kv_cache_mb",
+                 "peak_memory_mb", "speedup", "ttft_speedup", "accuracy/ctx256", "accuracy/ctx320"):
+        assert math.isfinite(metrics[name]), name
+    assert len(record["samples"]) == 4
+    assert {s["context_length"] for s in record["samples"]} == {256, 320}
+    assert all(s["prompt_tokens"] <= s["context_length"] for s in record["samples"])
+    # KV bytes are what is physically held: sinks + window per layer, K and V, float32.
+    cfg = runner.model.config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert metrics["kv_cache_mb"] * 2**20 == pytest.approx(cfg.num_hidden_layers * (4 + 16) * per_token)
+    for key in ("torch", "transformers", "ray", "device_name", "dtype", "attn_implementation", "batch_size"):
+        assert key in record["env"]
+
+
+def test_dense_trial_agrees_with_its_own_baseline(runner):
+    record = runner.run_trial({"trial": 0, "technique": "dense", "params": {}, "workload": WORKLOAD})
+    assert record["status"] == "ok"
+    assert record["metrics"]["fidelity"] == 1.0
+    baseline = record["baseline"]
+    assert baseline["latency_ms_per_token"] > 0 and baseline["ttft_ms"] > 0
+
+
+def test_failing_trial_is_recorded_and_actor_stays_usable(runner):
+    bad = runner.run_trial({"trial": 1, "technique": "streaming_llm", "params": {"window": -3}, "workload": WORKLOAD})
+    assert bad["status"] == "failed"
+    assert "window: expected >= 1" in bad["error"]
+    assert "Traceback" in bad["traceback"]
+    unknown = runner.run_trial({"trial": 2, "technique": "nope", "params": {}, "workload": WORKLOAD})
+    assert unknown["status"] == "failed" and "available:" in unknown["error"]
+    good = runner.run_trial({"trial": 4, "technique": "dense", "params": {}, "workload": WORKLOAD})
+    assert good["status"] == "ok"

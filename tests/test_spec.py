@@ -1,0 +1,124 @@
+"""Sweep spec validation: every bad input names the file, the field and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from paretoray.orchestrator.spec import SpecError, load_spec, search_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VALID = {
+    "name": "t",
+    "model": "smollm2-135m",
+    "workload": {"task": "passkey", "context_lengths": [256]},
+    "techniques": {"dense": None, "streaming_llm": {"n_sink": 4, "window": {"low": 8, "high": 128, "log": True}}},
+    "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
+    "constraints": ["accuracy >= 0.5"],
+    "trials": 4,
+}
+
+
+def write(tmp_path: Path, data, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def problems(tmp_path: Path, data) -> dict[str, str]:
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(path) in str(caught.value)
+    return dict(caught.value.problems)
+
+
+def patched(**changes):
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    for dotted, value in changes.items():
+        target = data
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return data
+
+
+def test_shipped_sweeps_are_valid():
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.name
+        assert search_space(spec)
+
+
+def test_valid_spec_space(tmp_path):
+    spec = load_spec(write(tmp_path, VALID))
+    space = search_space(spec)
+    assert space["dense"] == []
+    kinds = {d.name: d.kind for d in space["streaming_llm"]}
+    assert kinds == {"n_sink": "fixed", "window": "int"}
+    assert spec.model.id == "smollm2-135m" and spec.model.dtype == "auto"
+
+
+@pytest.mark.parametrize(
+    "changes,path,expected",
+    [
+        ({"techniques__snapkvv": {}}, "techniques.snapkvv", "unknown technique; available: dense"),
+        ({"techniques__streaming_llm__windw": 8}, "techniques.streaming_llm.windw", "unknown parameter"),
+        ({"techniques__streaming_llm__window": {"low": 64, "high": 8}}, "techniques.streaming_llm.window", "must not exceed"),
+        ({"techniques__streaming_llm__window": {"low": 0, "high": 8}}, "techniques.streaming_llm.window.low", "expected >= 1"),
+        ({"techniques__streaming_llm__n_sink": 1000}, "techniques.streaming_llm.n_sink", "expected <= 64"),
+        ({"techniques__streaming_llm__n_sink": [1, "x"]}, "techniques.streaming_llm.n_sink[1]", "expected a number"),
+        ({"techniques__streaming_llm__window": {"low": 8, "high": 64, "log": True, "step": 2}},
+         "techniques.streaming_llm.window", "either log or step"),
+        ({"objectives__accuracy": "minimize"}, "objectives.accuracy", "expected maximize"),
+        ({"objectives__speed": "maximize"}, "objectives.speed", "unknown metric"),
+        ({"constraints": ["accuracy > 0.5"]}, "constraints[0]", "expected 'METRIC >= NUMBER'"),
+        ({"constraints": ["acc >= 0.5"]}, "constraints[0]", "unknown metric 'acc'"),
+        ({"workload__task": "qa"}, "workload.task", "unknown task 'qa'; available: "),
+        ({"workload__context_lengths": [8]}, "workload.context_lengths", ">= 64"),
+        ({"workload__samples_per_length": 0}, "workload.samples_per_length", "greater than or equal to 1"),
+        ({"workload__extra": 1}, "workload.extra", "unknown field"),
+        ({"trials": "ten"}, "trials", "valid integer"),
+        ({"sampler": {"name": "cmaes"}}, "sampler.name", "Input should be"),
+        ({"actors": {"count": 0}}, "actors.count", "greater than or equal to 1"),
+        ({"model": "./no/such/model"}, "model", "no such model directory"),
+        ({"sampler": {"name": "grid"}}, "techniques.streaming_llm.window", "grid sampler needs finite"),
+    ],
+)
+def test_invalid_field_is_named(tmp_path, changes, path, expected):
+    found = problems(tmp_path, patched(**changes))
+    assert path in found, found
+    assert expected in found[path], found[path]
+
+
+def test_missing_required_fields(tmp_path):
+    data = patched()
+    del data["trials"], data["objectives"]
+    found = problems(tmp_path, data)
+    assert found["trials"] == "Field required" and "objectives" in found
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    found = problems(tmp_path, "name: x\ntechniques: [dense\nobjectives: {}\n")
+    (where, message), = found.items()
+    assert where.startswith("line ") and "not valid YAML" in message
+
+
+def test_cli_rejects_invalid_file_before_starting_anything(tmp_path):
+    path = write(tmp_path, patched(techniques__streaming_llm__window={"low": 64, "high": 8}), "bad.yaml")
+    home = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "paretoray.orchestrator.cli", "sweep", "run", str(path)],
+        capture_output=True, text=True, env={"PARETORAY_HOME": str(home), "PATH": "/usr/bin:/bin"}, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"{path}: invalid sweep spec" in result.stderr
+    assert "techniques.streaming_llm.window: low (64) must not exceed high (8)" in result.stderr
+    assert not home.exists()  # no store was created, so no run was recorded
+    assert "Ray" not in result.stderr

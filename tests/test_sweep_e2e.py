@@ -1,0 +1,171 @@
+"""End to end on the real parts: a local Ray with 2 actors, Optuna and MLflow on SQLite.
+
+Checks what a user would look at: the MLflow parent run and its trial runs, the `pareto` tags
+against Optuna's front, the front's artifacts, `paretoray results --format json`, a failing
+trial that leaves the actor usable, and resume after the controller died mid-sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from paretoray.actors.techniques import Technique, register
+from paretoray.orchestrator import cli
+from paretoray.orchestrator.controller import PARENT_ATTR, Controller, SweepError
+from paretoray.orchestrator.recorder import Recorder
+from paretoray.orchestrator.spec import parse
+from paretoray.orchestrator.stores import resolve_stores
+
+pytestmark = pytest.mark.slow
+
+
+@register
+@dataclass(frozen=True)
+class DriverOnly(Technique):
+    """Registered in the test process only: the actors do not know it, so its trials raise there
+    (the same failure a driver/cluster version skew produces)."""
+
+    name = "driver_only_test"
+    params = {}
+
+
+def spec_for(model_dir: Path, name: str, trials: int, techniques: dict, sampler: dict | None = None):
+    data = {
+        "name": name,
+        "model": {"id": str(model_dir), "dtype": "float32"},
+        "workload": {"task": "passkey", "context_lengths": [192, 256], "samples_per_length": 1, "max_new_tokens": 4},
+        "techniques": techniques,
+        "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize", "kv_cache_mb": "minimize"},
+        "constraints": ["accuracy >= 0.0"],
+        "sampler": sampler or {"name": "random", "seed": 1},
+        "trials": trials,
+        "actors": {"count": 2, "num_cpus": 1, "num_gpus": 0},
+    }
+    return parse(data, f"<{name}>")
+
+
+def children(client: MlflowClient, experiment: str, parent: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+def results_json(capsys, name: str, stores, *extra: str) -> list[dict]:
+    capsys.readouterr()
+    code = cli.main(["results", name, "--format", "json", "--tracking-uri", stores.tracking_uri, "--storage", stores.storage, *extra])
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sweep_records_trials_and_front(ray_session, tiny_model_dir, tmp_path, capsys):
+    stores = resolve_stores(home=str(tmp_path / "runs"))
+    techniques = {"dense": {}, "driver_only_test": {}, "streaming_llm": {"n_sink": 2, "window": [8, 32, 512]}}
+    spec = spec_for(tiny_model_dir, "e2e", 5, techniques, sampler={"name": "grid", "seed": 0})
+    result = Controller(spec, stores, spec_text="# e2e\n").run(progress=False)
+    assert result.trials_finished == 5
+
+    study = optuna.load_study(study_name="e2e", storage=stores.storage)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert len(finished) == 5
+    labels = sorted(t.user_attrs["label"] or t.user_attrs["technique"] for t in finished)
+    assert labels == ["dense", "driver_only_test", "streaming_llm(n_sink=2,window=32)",
+                      "streaming_llm(n_sink=2,window=512)", "streaming_llm(n_sink=2,window=8)"]
+    failed = [t for t in finished if t.state == TrialState.FAIL]
+    assert [t.user_attrs["technique"] for t in failed] == ["driver_only_test"]
+    assert "unknown technique 'driver_only_test'" in failed[0].user_attrs["error"]
+
+    client = MlflowClient(stores.tracking_uri)
+    parent = study.user_attrs[PARENT_ATTR]
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["paretoray.role"] == "sweep"
+    assert parent_run.data.params["model"] == str(tiny_model_dir)
+    runs = children(client, "e2e", parent)
+    assert len(runs) == 5
+    by_trial = {int(r.data.tags["paretoray.trial"]): r for r in runs}
+    assert set(by_trial) == {t.number for t in finished}
+    bad = by_trial[failed[0].number]
+    assert bad.info.status == "FAILED"
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(bad.info.run_id)}
+    good = by_trial[next(t.number for t in finished if t.user_attrs["technique"] == "dense")]
+    assert good.info.status == "FINISHED"
+    for key in ("accuracy", "latency_ms_per_token", "ttft_ms", "kv_cache_mb", "peak_memory_mb", "speedup"):
+        assert key in good.data.metrics
+    assert good.data.tags["paretoray.technique"] == "dense"
+    assert good.data.tags["env.device"] == "cpu" and good.data.tags["paretoray.node_ip"] != "local"
+
+    # The pareto tags are Optuna's front, exactly.
+    front = {t.number for t in study.best_trials}
+    assert front and front == {n for n, r in by_trial.items() if r.data.tags["pareto"] == "true"}
+
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"spec.json", "spec.yaml", "pareto_front.png", "pareto_front.html", "pareto_front.parquet", "trials.parquet"} <= artifacts
+    local = Path(client.download_artifacts(parent, "pareto_front.parquet", str(tmp_path)))
+    assert set(pl.read_parquet(local)["trial"].to_list()) == front
+    png = Path(client.download_artifacts(parent, "pareto_front.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    listed = results_json(capsys, "e2e", stores, "--pareto")
+    assert {row["trial"] for row in listed} == front
+    for row in listed:
+        assert set(row) >= {"trial", "technique", "params", "metrics", "pareto", "mlflow_run_id"}
+        assert row["pareto"] is True
+        assert client.get_run(row["mlflow_run_id"]).info.run_id == row["mlflow_run_id"]
+    assert len(results_json(capsys, "e2e", stores)) == 5
+
+    with pytest.raises(SweepError, match="already exists.*sweep resume e2e"):
+        Controller(spec, stores).run(progress=False)
+
+
+def test_resume_after_controller_died(ray_session, tiny_model_dir, tmp_path, capsys):
+    stores = resolve_stores(home=str(tmp_path / "runs"))
+    spec = spec_for(tiny_model_dir, "resumable", 5, {"dense": {}, "streaming_llm": {"window": {"low": 8, "high": 256}}})
+    Controller(spec, stores, spec_text="# r\n").run(trials=2, progress=False)
+
+    # Simulate a controller killed mid-sweep with two trials in flight:
+    study = optuna.load_study(study_name="resumable", storage=stores.storage)
+    parent = study.user_attrs[PARENT_ATTR]
+    recorder = Recorder(stores, "resumable")
+    client = MlflowClient(stores.tracking_uri)
+    done_record = recorder.load_record(children(client, "resumable", parent)[0].info.run_id)
+    #  (a) one whose result reached MLflow before the crash but was never told to Optuna,
+    logged = study.ask({"technique": optuna.distributions.CategoricalDistribution(["dense", "streaming_llm"])})
+    logged_record = copy.deepcopy(done_record) | {"trial": logged.number}
+    logged.set_user_attr("technique", logged_record["technique"])
+    logged_run = recorder.log_trial(parent, logged.number, logged_record, json.loads(spec.model_dump_json()))
+    #  (b) one still computing, its MLflow run never finished.
+    study.enqueue_trial({"technique": "streaming_llm", "streaming_llm.window": 30})
+    running = study.ask()
+    running.suggest_categorical("technique", ["dense", "streaming_llm"])
+    running.suggest_int("streaming_llm.window", 8, 256, log=True)
+    half = client.create_run(client.get_experiment_by_name("resumable").experiment_id,
+                             tags={"mlflow.parentRunId": parent, "paretoray.trial": str(running.number)})
+    client.set_terminated(parent, "KILLED")
+
+    code = cli.main(["sweep", "resume", "resumable", "--no-progress", "--tracking-uri", stores.tracking_uri, "--storage", stores.storage])
+    assert code == 0
+
+    study = optuna.load_study(study_name="resumable", storage=stores.storage)
+    states = {t.number: t for t in study.trials}
+    assert states[logged.number].state == TrialState.COMPLETE  # adopted, not re-run
+    assert states[logged.number].user_attrs["mlflow_run_id"] == logged_run
+    assert states[running.number].user_attrs.get("interrupted") is True  # asked again instead
+    assert states[running.number].params == {"technique": "streaming_llm", "streaming_llm.window": 30}
+    rerun = [t for t in study.trials if t.number > running.number and t.params == states[running.number].params]
+    assert rerun and rerun[0].state == TrialState.COMPLETE
+    assert client.get_run(half.info.run_id).info.lifecycle_stage == "deleted"
+
+    runs = children(client, "resumable", parent)  # deleted runs are not listed
+    numbers = [int(r.data.tags["paretoray.trial"]) for r in runs]
+    assert len(numbers) == len(set(numbers)) == 5  # the spec's 5 trials, none logged twice
+    assert running.number not in numbers
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert len(results_json(capsys, "resumable", stores)) == 5
