@@ -23,10 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml
-	$(VENV)/bin/paretoray results quickstart --pareto
-	@echo
-	@echo "Browse every trial and the Pareto front:  $(VENV)/bin/paretoray ui"
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml --resume-if-exists
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q

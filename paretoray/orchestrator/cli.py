@@ -24,6 +24,7 @@ examples:
   paretoray sweep run sweeps/quickstart.yaml --trials 20 --name qs-long
   paretoray sweep run sweeps/quickstart.yaml --ray-address auto        # join a running cluster
   paretoray sweep resume quickstart                                     # after an interruption
+  paretoray sweep run sweeps/quickstart.yaml --resume-if-exists         # run, or continue if it exists
   paretoray results quickstart --pareto --format json
   paretoray techniques                                                  # what can be swept
   paretoray ui --port 5000
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sweep_commands.add_parser("run", help="run a sweep from a YAML spec (see sweeps/ and README: sweep YAML reference)")
     run.add_argument("spec", type=Path, help="sweep YAML file")
     run.add_argument("--name", help="sweep name (default: the spec's `name`, else the file's stem)")
+    run.add_argument("--resume-if-exists", action="store_true",
+                     help="if a sweep of this name exists, continue it (its stored spec wins) instead of refusing")
     _add_run_options(run)
     resume = sweep_commands.add_parser("resume", help="continue an interrupted sweep from its Optuna storage")
     resume.add_argument("name", help="the sweep's name")
@@ -91,7 +94,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from paretoray.orchestrator.controller import Controller, SweepError
+    from paretoray.orchestrator.controller import Controller, SweepError, study_exists
     from paretoray.orchestrator.spec import SpecError, load_spec
     from paretoray.orchestrator.stores import resolve_stores
 
@@ -105,8 +108,13 @@ def _sweep(args: argparse.Namespace) -> int:
             stores = resolve_stores(args.tracking_uri, args.storage)
             if args.name:
                 spec = spec.model_copy(update={"name": args.name})
-            controller = Controller(spec, stores, spec_text=args.spec.read_text())
-            result = controller.run(trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
+            resume = args.resume_if_exists and study_exists(stores.optuna_storage(), spec.name)
+            if resume:
+                print(f"sweep {spec.name!r} exists: resuming it", file=sys.stderr)
+                controller = Controller.for_resume(spec.name, stores)
+            else:
+                controller = Controller(spec, stores, spec_text=args.spec.read_text())
+            result = controller.run(resume=resume, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
         else:
             stores = resolve_stores(args.tracking_uri, args.storage)
             controller = Controller.for_resume(args.name, stores)

@@ -115,6 +115,7 @@ class Recorder:
             "paretoray.technique": str(record.get("technique")),
             "paretoray.model": spec_json["model"]["id"],
             "paretoray.task": spec_json["workload"]["task"],
+            "paretoray.workload": json.dumps(spec_json["workload"], sort_keys=True),
             "paretoray.status": str(record.get("status")),
             "paretoray.node_ip": str(actor.get("node_ip", "local")),
             "paretoray.node_id": str(actor.get("node_id", "local")),
