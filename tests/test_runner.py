@@ -30,10 +30,10 @@ def test_trial_record_is_plain_data_with_every_metric(runner):
     assert len(record["samples"]) == 4
     assert {s["context_length"] for s in record["samples"]} == {256, 320}
     assert all(s["prompt_tokens"] <= s["context_length"] for s in record["samples"])
-    # KV bytes are what is physically held: sinks + window per layer, K and V, float32.
+    # KV bytes are what is physically held: sinks + window + the next token's slot, K and V, float32.
     cfg = runner.model.config
     per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    assert metrics["kv_cache_mb"] * 2**20 == pytest.approx(cfg.num_hidden_layers * (4 + 16) * per_token)
+    assert metrics["kv_cache_mb"] * 2**20 == pytest.approx(cfg.num_hidden_layers * (4 + 16 + 1) * per_token)
     for key in ("torch", "transformers", "ray", "device_name", "dtype", "attn_implementation", "batch_size"):
         assert key in record["env"]
 

@@ -61,11 +61,14 @@ def test_streaming_keeps_exactly_sinks_and_window(tiny_model, n_sink, window):
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for layer in cache.layers:
-        assert layer.keys.shape[-2] == layer.values.shape[-2] == n_sink + window
         assert layer.kept_positions() == list(range(n_sink)) + list(range(fed - window, fed))
+        keys, values = layer._ordered()
+        assert keys.shape[-2] == values.shape[-2] == n_sink + window
+        # Physically: sinks + window + the one slot the next token is written into.
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == n_sink + window + 1
         assert layer.get_seq_length() == fed
     per_token = 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, float32
-    assert run.kv_bytes == cfg.num_hidden_layers * (n_sink + window) * per_token
+    assert run.kv_bytes == cfg.num_hidden_layers * (n_sink + window + 1) * per_token
 
 
 def test_streaming_generation_is_deterministic_and_differs_from_dense(tiny_model):
@@ -94,14 +97,19 @@ def test_positions_equal_cache_index_positions(tiny_model):
         rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
         return rotated
 
-    layer = SinkWindowLayer(n_sink, window, rope_inv_freq(model))
-    for t in range(total):  # feed tokens one by one at their text positions, as decoding does
-        layer.update(rope(raw_keys[..., t : t + 1, :], [t]), torch.zeros(1, heads, 1, head_dim))
-    query = rope(raw_query, [total])
-    ours = (query @ layer.keys.transpose(-1, -2)).squeeze()
+    zeros = torch.zeros(1, heads, 1, head_dim)
+    for prefill in (1, 11):  # decode-only, and a prompt chunk that overflows the window first
+        layer = SinkWindowLayer(n_sink, window, rope_inv_freq(model))
+        layer.update(rope(raw_keys[..., :prefill, :], list(range(prefill))), torch.zeros(1, heads, prefill, head_dim))
+        for t in range(prefill, total):  # then one token at a time at its text position, as decoding does
+            layer.update(rope(raw_keys[..., t : t + 1, :], [t]), zeros)
+        keys, _ = layer.update(rope(raw_keys[..., total:, :], [total]), zeros)  # token `total` attends
+        ours = (rope(raw_query, [total]) @ keys.transpose(-1, -2)).flatten(1)
 
-    kept = list(range(n_sink)) + list(range(total - window, total))
-    paper_keys = rope(raw_keys[..., kept, :], list(range(len(kept))))  # re-rotated by cache index
-    paper_query = rope(raw_query, [len(kept)])
-    paper = (paper_query @ paper_keys.transpose(-1, -2)).squeeze()
-    torch.testing.assert_close(ours, paper, rtol=1e-4, atol=1e-4)
+        # The paper: kept tokens + the new one, re-rotated by cache index; the query at index len(kept).
+        kept = list(range(n_sink)) + list(range(total - window, total)) + [total]
+        paper_keys = rope(raw_keys[..., kept, :], list(range(len(kept))))
+        paper_query = rope(raw_query, [len(kept) - 1])
+        paper = (paper_query @ paper_keys.transpose(-1, -2)).flatten(1)
+        # Slots are a ring (attention over one query is order-free): compare per head as sets.
+        torch.testing.assert_close(ours.sort(-1).values, paper.sort(-1).values, rtol=1e-4, atol=1e-4)

@@ -256,7 +256,7 @@ class Controller:
                 recorder.finish_sweep(parent, "KILLED")
             for actor in free + [actor for _, actor in pending.values()]:
                 ray.kill(actor)
-        rows = recorder.update_front(parent, study, self.objectives, final=True)
+        rows = recorder.update_front(parent, study, self.objectives)
         recorder.finish_sweep(parent, "FINISHED")
         return SweepResult(self.name, done, failed, rows, parent, time.perf_counter() - started)
 

@@ -142,7 +142,7 @@ class Recorder:
 
     # ---- the front ------------------------------------------------------------------------
 
-    def update_front(self, parent_run_id: str, study: optuna.Study, objectives: list[str], final: bool = False) -> list[dict[str, Any]]:
+    def update_front(self, parent_run_id: str, study: optuna.Study, objectives: list[str]) -> list[dict[str, Any]]:
         """Tag front members, log the front table and plots on the parent run."""
         rows = pareto.trial_rows(study, objectives)
         for row in rows:

@@ -49,7 +49,15 @@ def rope_inv_freq(model: PreTrainedModel) -> torch.Tensor:
 
 
 class SinkWindowLayer(DynamicLayer):
-    """One layer's cache: `n_sink` attention sinks + the `window` most recent tokens."""
+    """One layer's cache: `n_sink` attention sinks + the `window` most recent tokens.
+
+    Once full, the layer is a ring buffer of `n_sink + window + 1` slots: sinks, the window, and
+    one slot for the incoming token. A decoded token is written into that slot in place, attends
+    to every slot, and the window's oldest entry becomes the next write slot. A single query needs
+    no mask and RoPE is already inside the keys, so slot order does not matter; this avoids
+    copying the window twice per step (append, then evict), which made large windows slower than
+    the dense cache they replace.
+    """
 
     is_croppable = False
 
@@ -59,37 +67,77 @@ class SinkWindowLayer(DynamicLayer):
         self.seen = 0  # tokens fed so far: the next token's position in the text
         self.evicted = 0  # tokens dropped so far: how far the sinks must move forward
         self._sinks_unshifted: torch.Tensor | None = None
+        self._sink_shift = 0  # the shift the stored sink keys carry now
+        self._write_slot: int | None = None  # ring mode: the recent-region slot the next token fills
+        self._valid = 0  # entries that hold a kept token (the write slot holds none)
+
+    @property
+    def capacity(self) -> int:
+        return self.n_sink + self.window
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
-        excess = keys.shape[-2] - (self.n_sink + self.window)
-        if excess <= 0:
-            self.keys, self.values = keys, values
-            return keys, values
-        if self._sinks_unshifted is None:
-            self._sinks_unshifted = keys[..., : self.n_sink, :]
-        self.evicted += excess
-        # Rotated from the unshifted copy each time, so rounding does not accumulate.
-        sinks = rotate_by(self._sinks_unshifted, self.evicted, self.inv_freq)
-        self.keys = torch.cat([sinks, keys[..., keys.shape[-2] - self.window :, :]], dim=-2)
-        self.values = torch.cat([values[..., : self.n_sink, :], values[..., values.shape[-2] - self.window :, :]], dim=-2)
+        if key_states.shape[-2] == 1 and self._write_slot is not None:
+            return self._ring_update(key_states, value_states)
+        keys, values = self._ordered()
+        keys = torch.cat([keys, key_states], dim=-2)
+        values = torch.cat([values, value_states], dim=-2)
+        self._store(keys, values)
         return keys, values  # this forward still attends to everything it was given
+
+    def _ring_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        self._shift_sinks()
+        slot = self.n_sink + self._write_slot
+        self.keys[..., slot : slot + 1, :] = key_states
+        self.values[..., slot : slot + 1, :] = value_states
+        # After this forward the window's oldest entry is dropped: its slot takes the next token.
+        self._write_slot = (self._write_slot + 1) % (self.window + 1)
+        self.evicted += 1
+        return self.keys, self.values
+
+    def _ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries in text order (sinks, then the window from oldest to newest)."""
+        if self._write_slot is None:
+            return self.keys, self.values
+        self._shift_sinks()
+        oldest = self._write_slot + 1
+        order = [*range(self.n_sink)] + [self.n_sink + (oldest + i) % (self.window + 1) for i in range(self.window)]
+        index = torch.tensor(order, device=self.keys.device)
+        return self.keys.index_select(-2, index), self.values.index_select(-2, index)
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep sinks + window of `keys` (text order); switch to ring mode once full."""
+        excess = keys.shape[-2] - self.capacity
+        if excess < 0:
+            self.keys, self.values, self._valid, self._write_slot = keys, values, keys.shape[-2], None
+            return
+        if self._sinks_unshifted is None:  # nothing was evicted before: the sinks carry no shift yet
+            self._sinks_unshifted = keys[..., : self.n_sink, :].clone()
+        self.evicted += excess  # the stored sinks keep their shift until the next update brings it up
+        tail = keys.shape[-2] - self.window
+        spare = keys.new_zeros(*keys.shape[:-2], 1, keys.shape[-1])
+        self.keys = torch.cat([keys[..., : self.n_sink, :], keys[..., tail:, :], spare], dim=-2)
+        self.values = torch.cat([values[..., : self.n_sink, :], values[..., tail:, :], spare], dim=-2)
+        self._valid, self._write_slot = self.capacity, self.window
+
+    def _shift_sinks(self) -> None:
+        if self.n_sink and self._sink_shift != self.evicted:
+            # Rotated from the unshifted copy each time, so rounding does not accumulate.
+            self.keys[..., : self.n_sink, :] = rotate_by(self._sinks_unshifted, self.evicted, self.inv_freq)
+            self._sink_shift = self.evicted
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.keys.shape[-2] if self.is_initialized else 0
-        # All stored entries precede the new queries; place them just before position `seen`.
-        return stored + query_length, self.seen - stored
+        # All kept entries precede the new queries; place them just before position `seen`.
+        return self._valid + query_length, self.seen - self._valid
 
     def kept_positions(self) -> list[int]:
-        """Original text positions of the stored entries (sinks, then the recent window)."""
-        if self.seen <= self.n_sink + self.window:
+        """Original text positions of the kept entries (sinks, then the recent window)."""
+        if self.seen <= self.capacity:
             return list(range(self.seen))
         return list(range(self.n_sink)) + list(range(self.seen - self.window, self.seen))
 
