@@ -30,7 +30,11 @@ def test_prompts_fit_the_window(tok, task, length):
     samples = build_samples(task, tok, [length], 3, [0.0, 0.5, 1.0], seed=7)
     assert len(samples) == 9
     for s in samples:
-        assert s.prompt_ids == tok(s.prompt, add_special_tokens=True).input_ids
+        # Context and question are tokenized apart; together they are the prompt.
+        question = tok.decode(s.question_ids)
+        assert question.startswith("\nWhat is") and s.prompt.endswith(question)
+        assert s.context_ids == tok(s.prompt[: len(s.prompt) - len(question)], add_special_tokens=True).input_ids
+        assert s.prompt_ids == s.context_ids + list(s.question_ids)
         assert length - (block + 8) <= len(s.prompt_ids) <= length
         assert s.context_length == length and s.task == task
 
@@ -119,7 +123,8 @@ def test_tiny_llama_loads_and_runs(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     sample = build_samples("passkey", tokenizer, [256], 1, None, seed=0)[0]
-    assert sample.prompt_ids == make_tiny_tokenizer()(sample.prompt).input_ids
+    question = tokenizer.decode(sample.question_ids)
+    assert sample.context_ids == make_tiny_tokenizer()(sample.prompt[: -len(question)]).input_ids
     with torch.no_grad():
         logits = model(torch.tensor([sample.prompt_ids])).logits
     assert model.dtype == torch.float32

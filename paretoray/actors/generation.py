@@ -46,8 +46,13 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_ids: set[int] | None = None,
     forced_tokens: list[int] | None = None,
+    question_ids: torch.Tensor | None = None,  # [1, question_len]
 ) -> Generation:
     """Greedy decoding with an explicit cache.
+
+    With `question_ids`, `input_ids` is the context alone: it is prefilled first (a compressing
+    cache compresses it without seeing the question, as a cached document is served), then the
+    question is fed as a second chunk. Both count in the time to first token.
 
     With `forced_tokens`, the loop feeds those tokens instead of its own argmax (teacher forcing)
     and reports how often its argmax agreed with them: the fidelity of a technique to the
@@ -62,6 +67,8 @@ def greedy_generate(
     synchronize(device)
     start = time.perf_counter()
     logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    if question_ids is not None:
+        logits = model(input_ids=question_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     next_token = int(logits[0, -1].argmax())
     synchronize(device)
     prefill_s = time.perf_counter() - start

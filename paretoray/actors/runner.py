@@ -37,6 +37,7 @@ class Workload:
     max_new_tokens: int = 8
     num_keys: int = 4
     fidelity: bool = True
+    query_placement: str = "query_aware"  # or "context_only": compress the context, then ask
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Workload:
@@ -135,15 +136,18 @@ class TrialRunner:
         reference = self._reference(workload, samples)
         rows, step_ms, ttft_ms, peaks = [], [], [], []
         for sample in samples:
-            input_ids = torch.tensor([sample.prompt_ids], device=self.device)
+            input_ids, question_ids = self._inputs(sample, workload)
             self.memory.reset()
-            run = technique.generate(self.model, input_ids, workload.max_new_tokens, self.eos_token_ids)
+            run = technique.generate(
+                self.model, input_ids, workload.max_new_tokens, self.eos_token_ids, question_ids=question_ids
+            )
             peaks.append(self.memory.read_mb())
             text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
             fidelity = None
             if workload.fidelity:
                 forced = technique.generate(
-                    self.model, input_ids, workload.max_new_tokens, forced_tokens=reference.tokens[sample.sample_id]
+                    self.model, input_ids, workload.max_new_tokens,
+                    forced_tokens=reference.tokens[sample.sample_id], question_ids=question_ids,
                 )
                 fidelity = forced.agreement
             step_ms.extend(1000 * s for s in run.step_s)
@@ -184,10 +188,20 @@ class TrialRunner:
             metrics[f"accuracy/ctx{length}"] = sum(r["correct"] for r in subset) / len(subset)
             metrics[f"ttft_ms/ctx{length}"] = median([r["ttft_ms"] for r in subset])
         return {
+            "query_placement": workload.query_placement,
             "metrics": metrics,
             "samples": rows,
             "baseline": {"latency_ms_per_token": reference.latency_ms_per_token, "ttft_ms": reference.ttft_ms},
         }
+
+    def _inputs(self, sample: Sample, workload: Workload) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt as one chunk (query-aware), or the context then the question (context-only)."""
+        if workload.query_placement == "context_only":
+            return (
+                torch.tensor([sample.context_ids], device=self.device),
+                torch.tensor([list(sample.question_ids)], device=self.device),
+            )
+        return torch.tensor([sample.prompt_ids], device=self.device), None
 
     # ---- cached per workload ---------------------------------------------------------------
 
@@ -216,12 +230,12 @@ class TrialRunner:
         if workload.key not in self._references:
             self._warm_up(samples)
             dense = build_technique("dense", {})
-            runs: dict[str, Generation] = {
-                s.sample_id: dense.generate(
-                    self.model, torch.tensor([s.prompt_ids], device=self.device), workload.max_new_tokens, self.eos_token_ids
+            runs: dict[str, Generation] = {}
+            for sample in samples:
+                input_ids, question_ids = self._inputs(sample, workload)
+                runs[sample.sample_id] = dense.generate(
+                    self.model, input_ids, workload.max_new_tokens, self.eos_token_ids, question_ids=question_ids
                 )
-                for s in samples
-            }
             self._references[workload.key] = _Reference(
                 tokens={key: run.tokens for key, run in runs.items()},
                 latency_ms_per_token=median([1000 * s for run in runs.values() for s in run.step_s]),

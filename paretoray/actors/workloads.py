@@ -60,10 +60,16 @@ class Sample:
     sample_id: str
     task: str
     prompt: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # context tokens followed by `question_ids`
     answer: str
     context_length: int
     depth: float
+    question_ids: list[int] = ()  # the question, tokenized on its own: the last tokens of prompt_ids
+
+    @property
+    def context_ids(self) -> list[int]:
+        """The prompt without its question: what a context-only placement compresses."""
+        return self.prompt_ids[: len(self.prompt_ids) - len(self.question_ids)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class _Layout:
     question: str
     answer: str
 
-    def render(self, n_reps: int) -> str:
+    def render(self, n_reps: int, with_question: bool = True) -> str:
         slots: list[list[str]] = [[] for _ in range(n_reps + 1)]
         for fraction, text in self.needles:
             slots[round(fraction * n_reps)].append(text)
@@ -84,7 +90,8 @@ class _Layout:
             parts.extend(slot)
             if i < n_reps:
                 parts.append(FILLER)
-        parts.append(self.question)
+        if with_question:
+            parts.append(self.question)
         return "".join(parts)
 
 
@@ -165,11 +172,14 @@ def build_samples(
             sample_id = f"{task}/ctx{length}/d{depth:g}/s{index}"
             # String seeds are hashed with SHA-512, so they are stable across processes.
             layout = TASKS[task](random.Random(f"{seed}/{sample_id}"), depth, num_keys)
+            # Context and question are tokenized apart, so a context-only placement (compress the
+            # context, then ask) and a query-aware one see exactly the same tokens.
+            question_ids = encode(layout.question, False)
             cache: dict[int, list[int]] = {}
 
             def n_tokens(n: int) -> int:
                 if n not in cache:
-                    cache[n] = encode(layout.render(n))
+                    cache[n] = encode(layout.render(n, with_question=False)) + question_ids
                 return len(cache[n])
 
             base_tokens = n_tokens(0)
@@ -188,6 +198,7 @@ def build_samples(
                     answer=layout.answer,
                     context_length=length,
                     depth=depth,
+                    question_ids=question_ids,
                 )
             )
     return samples

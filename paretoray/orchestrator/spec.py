@@ -49,6 +49,11 @@ class WorkloadSpec(_Strict):
     max_new_tokens: int = Field(8, ge=1, le=4096)
     num_keys: int = Field(4, ge=1, le=64)
     fidelity: bool = True
+    query_placement: Literal["query_aware", "context_only"] = Field(
+        "query_aware",
+        description="query_aware: the question is part of the compressed prompt (SnapKV's setting); "
+        "context_only: the context is compressed first, then the question is asked (a cached document)",
+    )
 
     @field_validator("task")
     @classmethod

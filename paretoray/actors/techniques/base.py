@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -137,13 +139,28 @@ class Technique:
         max_new_tokens: int,
         eos_token_ids: set[int] | None = None,
         forced_tokens: list[int] | None = None,
+        question_ids: torch.Tensor | None = None,
     ) -> Generation:
-        """Greedy prefill + decode with this technique's cache (see `greedy_generate`)."""
-        return greedy_generate(
-            model,
-            input_ids,
-            self.new_cache(model),
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos_token_ids,
-            forced_tokens=forced_tokens,
-        )
+        """Greedy prefill + decode with this technique's cache (see `greedy_generate`).
+
+        `question_ids` given: `input_ids` is the context only, prefilled before the question.
+        """
+        with self.applied(model) as cache:
+            return greedy_generate(
+                model,
+                input_ids,
+                cache,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=eos_token_ids,
+                forced_tokens=forced_tokens,
+                question_ids=question_ids,
+            )
+
+    @contextmanager
+    def applied(self, model: PreTrainedModel) -> Iterator[Cache]:
+        """The technique installed on `model` for one generation; always removed afterwards.
+
+        The default installs nothing and yields a fresh cache; techniques that hook the model
+        (to score attention at prefill, say) add their hooks here and remove them in `finally`.
+        """
+        yield self.new_cache(model)

@@ -1,0 +1,197 @@
+"""The mechanism prompt-compression techniques share: score -> select -> gather.
+
+At the end of the first multi-token forward (the prefill, or the context alone in a
+context-only placement), a forward hook on every attention module asks the technique for one
+score per cached position and KV head, keeps the budget's best-scoring positions (always
+keeping the ones the technique protects), and gathers them into a smaller cache. The cache
+really shrinks: keys and values are re-allocated at the kept length.
+
+Positions: SnapKV, PyramidKV and H2O keep each kept key at its original RoPE position, and new
+tokens continue at their text positions (the cache counts tokens seen, not tokens kept).
+
+GQA: scores are computed per query head and averaged over each KV head's group, and positions
+are selected per KV head (kvpress's rule; SnapKV's original code repeats the KV heads and selects
+per query head, which costs `groups` times the memory).
+
+Layers may keep different lengths (PyramidKV). transformers sizes its causal mask from one
+layer, so while a technique is applied the model runs an SDPA attention registered here that
+builds its own end-aligned causal mask from each layer's actual lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from paretoray.actors.techniques.base import Technique
+
+ATTENTION = "paretoray_sdpa"
+
+
+def end_aligned_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA whose causal mask aligns the queries with the last keys, whatever the cache holds.
+
+    query: [B, Hq, q, D]; key/value: [B, Hkv, kv, D] with kv >= q (the new tokens come last).
+    """
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    mask = None
+    if 1 < q_len < kv_len:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=q_len > 1 and mask is None, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, end_aligned_sdpa)  # no mask function: transformers builds none
+
+
+class CompressedLayer(DynamicLayer):
+    """A layer cache that can be cut down to chosen positions per KV head.
+
+    `positions` [B, Hkv, n] holds the text position of every stored entry, so tests and reports
+    can say exactly what was kept. `scores` is free for techniques that carry state (H2O).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.budget: int | None = None
+        self.compressed = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=key_states.device)
+        new = new.expand(*key_states.shape[:2], -1)
+        self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=-1)
+        self.seen += key_states.shape[-2]
+        return keys, values
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the entries at `index` [B, Hkv, k] (sorted, so text order is preserved)."""
+        index = index.sort(dim=-1).values
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather).contiguous()
+        self.values = self.values.gather(2, gather).contiguous()
+        self.positions = self.positions.gather(2, index)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, index)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[-2] if self.is_initialized and self.keys.numel() else 0
+        return stored + query_length, self.seen - stored
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be rolled back")
+
+
+def select(scores: torch.Tensor, budget: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the `budget` best positions per head; `protected` [L] bool positions always win.
+
+    scores: [B, Hkv, L] (higher is kept) -> index [B, Hkv, budget].
+    """
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
+    return scores.topk(budget, dim=-1).indices
+
+
+def project_queries(module: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings, start: int, end: int) -> torch.Tensor:
+    """Recompute an attention module's queries for positions [start, end) of its input, RoPE applied.
+
+    The SDPA path returns no attention weights, so scoring recomputes them from the layer input.
+    hidden_states: [B, L, hidden] -> [B, Hq, end - start, D].
+    """
+    span = hidden_states[:, start:end]
+    query = module.q_proj(span).view(*span.shape[:-1], -1, module.head_dim)
+    if hasattr(module, "q_norm"):  # Qwen3-style query norm before RoPE
+        query = module.q_norm(query)
+    query = query.transpose(1, 2)
+    cos, sin = position_embeddings
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, start:end], sin[:, start:end])
+    return query
+
+
+def attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention of the last queries over all keys, causal among themselves, in fp32.
+
+    query: [B, Hq, w, D]; keys: [B, Hkv, L, D] -> [B, Hkv, groups, w, L].
+    """
+    batch, q_heads, w, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    groups = q_heads // kv_heads
+    q = query.float().view(batch, kv_heads, groups, w, dim)
+    logits = torch.einsum("bhgwd,bhld->bhgwl", q, keys.float()) * scaling
+    future = torch.ones(w, length, dtype=torch.bool, device=keys.device).triu(length - w + 1)
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def budget_tokens(capacity: float, prompt_len: int) -> int:
+    """`max_capacity_prompt`: a fraction of the prompt when <= 1, else a number of tokens."""
+    return max(1, round(capacity * prompt_len)) if capacity <= 1 else int(round(capacity))
+
+
+@dataclass(frozen=True)
+class PromptCompression(Technique):
+    """Base of score -> select -> gather techniques (not registered itself)."""
+
+    phase = "kv-cache"
+    params = {}
+    carries_scores = False  # keep the prefill scores on the layer for decoding (H2O accumulates them)
+
+    def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
+        """Entries this layer keeps after compressing a prompt of `prompt_len` tokens."""
+        raise NotImplementedError
+
+    def prefill_scores(self, module, hidden_states, position_embeddings, keys) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [B, Hkv, L] (higher is kept) and the positions [L] always kept (or None)."""
+        raise NotImplementedError
+
+    def after_append(self, module, hidden_states, position_embeddings, layer: CompressedLayer) -> None:
+        """Called after every forward that appends to a compressed layer: decoded tokens, or the
+        question of a context-only placement. Eviction during decoding goes here (H2O)."""
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        return Cache(layers=[CompressedLayer() for _ in range(model.config.num_hidden_layers)])
+
+    @contextmanager
+    def applied(self, model: PreTrainedModel) -> Iterator[Cache]:
+        cache = self.new_cache(model)
+        attention_modules = [layer.self_attn for layer in model.model.layers]
+        num_layers = len(attention_modules)
+
+        def hook(module, args, kwargs, output):
+            layer: CompressedLayer = cache.layers[module.layer_idx]
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            position_embeddings = kwargs.get("position_embeddings")
+            if not layer.compressed and hidden_states.shape[1] > 1:
+                layer.compressed = True
+                layer.budget = self.layer_budget(module.layer_idx, num_layers, layer.keys.shape[-2])
+                if layer.budget < layer.keys.shape[-2] or self.carries_scores:
+                    scores, protected = self.prefill_scores(module, hidden_states, position_embeddings, layer.keys)
+                    layer.scores = scores if self.carries_scores else None
+                    if layer.budget < layer.keys.shape[-2]:
+                        layer.keep(select(scores, layer.budget, protected))
+            elif layer.compressed:
+                self.after_append(module, hidden_states, position_embeddings, layer)
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules]
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = ATTENTION
+        try:
+            yield cache
+        finally:
+            model.config._attn_implementation = previous
+            for handle in handles:
+                handle.remove()
