@@ -124,7 +124,10 @@ class Technique:
     @property
     def label(self) -> str:
         """A name that records the configuration, for run names and plot legends."""
-        args = ",".join(f"{key}={getattr(self, key)}" for key in self.params)
+        def show(value: Any) -> str:
+            return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+        args = ",".join(f"{key}={show(getattr(self, key))}" for key in self.params)
         return f"{self.name}({args})" if args else self.name
 
     def new_cache(self, model: PreTrainedModel) -> Cache:

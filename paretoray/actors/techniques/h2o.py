@@ -19,6 +19,7 @@ import torch
 
 from paretoray.actors.techniques.base import Param, register
 from paretoray.actors.techniques.kv_compression import (
+    CAPACITY,
     CompressedLayer,
     PromptCompression,
     attention_weights,
@@ -39,15 +40,9 @@ class H2O(PromptCompression):
     name = "h2o"
     carries_scores = True
     params = {
-        "max_capacity_prompt": Param("float", 1024.0, low=0.0, high=1048576.0,
-                                     doc="KV entries kept per layer: a fraction of the prompt if <= 1, else tokens"),
+        "max_capacity_prompt": CAPACITY,
         "recent_fraction": Param("float", 0.5, low=0.0, high=1.0, doc="share of the budget for recent tokens (paper: half)"),
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_capacity_prompt <= 0:
-            raise ValueError(f"{self.name}: max_capacity_prompt: expected > 0, got {self.max_capacity_prompt}")
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         return budget_tokens(self.max_capacity_prompt, prompt_len)

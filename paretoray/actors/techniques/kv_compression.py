@@ -30,7 +30,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from paretoray.actors.techniques.base import Technique
+from paretoray.actors.techniques.base import Param, Technique
 
 ATTENTION = "paretoray_sdpa"
 
@@ -135,6 +135,12 @@ def attention_weights(query: torch.Tensor, keys: torch.Tensor, scaling: float) -
     logits = torch.einsum("bhgwd,bhld->bhgwl", q, keys.float()) * scaling
     future = torch.ones(w, length, dtype=torch.bool, device=keys.device).triu(length - w + 1)
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+CAPACITY = Param(
+    "float", 1024.0, low=0.001, high=1048576.0,
+    doc="prompt KV entries kept per layer (any window included): a fraction of the prompt if <= 1, else tokens",
+)
 
 
 def budget_tokens(capacity: float, prompt_len: int) -> int:

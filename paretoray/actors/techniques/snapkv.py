@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from paretoray.actors.techniques.base import Param, register
-from paretoray.actors.techniques.kv_compression import PromptCompression, attention_weights, budget_tokens, project_queries
+from paretoray.actors.techniques.kv_compression import CAPACITY, PromptCompression, attention_weights, budget_tokens, project_queries
 
 
 def pool_positions(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
@@ -42,16 +42,13 @@ class SnapKV(PromptCompression):
         "window_size": Param("int", 32, low=1, high=1024, doc="observation window: the last prompt tokens that vote (reference: 32)"),
         "kernel_size": Param("int", 7, low=1, high=63, doc="odd width of the pooling over positions (reference: 7 or 5)"),
         "pooling": Param("categorical", "avgpool", choices=("avgpool", "maxpool"), doc="pooling of the window's votes"),
-        "max_capacity_prompt": Param("float", 1024.0, low=0.0, high=1048576.0, log=False,
-                                     doc="prompt KV entries kept per layer, window included: a fraction of the prompt if <= 1, else tokens"),
+        "max_capacity_prompt": CAPACITY,
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kernel_size % 2 == 0:
             raise ValueError(f"{self.name}: kernel_size: expected an odd number, got {self.kernel_size}")
-        if self.max_capacity_prompt <= 0:
-            raise ValueError(f"{self.name}: max_capacity_prompt: expected > 0, got {self.max_capacity_prompt}")
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         # The window is always kept, so no budget goes below it.

@@ -1,13 +1,15 @@
-"""Decode latency, TTFT and KV bytes of dense vs StreamingLLM windows, measured in one process.
+"""Prefill time, decode latency, KV bytes and peak memory of KV-cache techniques vs dense.
 
-    python benchmarks/kv_cache_decode.py --model smollm2-135m --lengths 1024 2048 4096 \
-        --windows 64 256 1024 --new-tokens 32 --repeats 3
+    python benchmarks/kv_compression.py --model smollm2-135m --lengths 1024 2048 4096 8192 \
+        --configs dense streaming_llm:window=252 snapkv:max_capacity_prompt=256 \
+                  pyramidkv:max_capacity_prompt=256 h2o:max_capacity_prompt=256 \
+        --new-tokens 32 --repeats 3
 
-Each configuration is warmed up once, then run `--repeats` times; every prefill and decode step
-is timed with the device synchronized, and the figure is the median. Techniques are compared as
-ratios to dense measured in the same process on the same prompt. On CUDA the
-memory figure is `max_memory_allocated`; on CPU the process peak RSS of the run. The last stdout line is
-one JSON record.
+A config is `name` or `name:param=value,param=value`. For each context length, dense runs first,
+then every config on the same prompt, in the same process; each is warmed up once, then run
+`--repeats` times with every prefill and decode step timed with the device synchronized, and
+the figure is the median. Ratios are against dense at the same length. Memory: CUDA
+`max_memory_allocated` on GPU, the process's peak RSS on CPU. The last stdout line is one JSON record.
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ import torch
 from paretoray.actors.metrics import PeakMemory, device_name
 from paretoray.actors.models import load_model
 from paretoray.actors.techniques import build_technique
+
+
+def _number(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value  # categorical, e.g. pooling=maxpool
+
+
+def parse_config(text: str):
+    name, _, args = text.partition(":")
+    params = {}
+    for pair in filter(None, args.split(",")):
+        key, _, value = pair.partition("=")
+        params[key] = _number(value)
+    return build_technique(name, params)
 
 
 def measure(model, technique, input_ids, new_tokens: int, repeats: int, memory: PeakMemory) -> dict:
@@ -49,8 +69,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--configs", nargs="+", default=["dense", "streaming_llm:window=252", "snapkv:max_capacity_prompt=256"])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
@@ -61,30 +80,29 @@ def main() -> None:
     model, _ = load_model(args.model, dtype=args.dtype)
     device = model.device
     memory = PeakMemory(device)
+    techniques = [parse_config(c) for c in args.configs if c != "dense"]
     generator = torch.Generator().manual_seed(0)
     rows = []
     started = time.perf_counter()
     for length in args.lengths:
         input_ids = torch.randint(100, model.config.vocab_size, (1, length), generator=generator).to(device)
         dense = measure(model, build_technique("dense", {}), input_ids, args.new_tokens, args.repeats, memory)
-        rows.append({"length": length, "technique": "dense", **dense, "speedup": 1.0, "kv_ratio": 1.0})
-        print(f"ctx {length:>6}  dense                      {dense['latency_ms_per_token']:8.2f} ms/token  "
-              f"ttft {dense['ttft_ms']:9.1f} ms  kv {dense['kv_cache_mb']:8.2f} MiB", file=sys.stderr)
-        for window in args.windows:
-            technique = build_technique("streaming_llm", {"n_sink": args.n_sink, "window": window})
-            row = measure(model, technique, input_ids, args.new_tokens, args.repeats, memory)
-            row |= {
+        for technique in [None, *techniques]:
+            row = dense if technique is None else measure(model, technique, input_ids, args.new_tokens, args.repeats, memory)
+            row = row | {
                 "length": length,
-                "technique": technique.label,
+                "technique": "dense" if technique is None else technique.label,
                 "speedup": dense["latency_ms_per_token"] / row["latency_ms_per_token"],
+                "ttft_ratio": row["ttft_ms"] / dense["ttft_ms"],
                 "kv_ratio": row["kv_cache_mb"] / dense["kv_cache_mb"],
+                "memory_ratio": row["peak_memory_mb"] / dense["peak_memory_mb"],
             }
             rows.append(row)
-            print(f"ctx {length:>6}  {technique.label:<26} {row['latency_ms_per_token']:8.2f} ms/token  "
-                  f"ttft {row['ttft_ms']:9.1f} ms  kv {row['kv_cache_mb']:8.2f} MiB  speedup {row['speedup']:.2f}x",
-                  file=sys.stderr)
+            print(f"ctx {length:>6}  {row['technique']:<58} {row['latency_ms_per_token']:8.2f} ms/token "
+                  f"({row['speedup']:.2f}x)  ttft {row['ttft_ms']:9.1f} ms  kv {row['kv_cache_mb']:8.2f} MiB  "
+                  f"peak {row['peak_memory_mb']:8.1f} MiB", file=sys.stderr)
     record = {
-        "benchmark": "kv_cache_decode",
+        "benchmark": "kv_compression",
         "model": args.model,
         "device": device_name(device),
         "dtype": str(model.dtype).removeprefix("torch."),
