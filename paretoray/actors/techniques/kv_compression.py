@@ -79,9 +79,7 @@ class CompressedLayer(DynamicLayer):
     def keep(self, index: torch.Tensor) -> None:
         """Keep the entries at `index` [B, Hkv, k] (sorted, so text order is preserved)."""
         index = index.sort(dim=-1).values
-        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather).contiguous()
-        self.values = self.values.gather(2, gather).contiguous()
+        self.keys, self.values = gather(self.keys, index), gather(self.values, index)
         self.positions = self.positions.gather(2, index)
         if self.scores is not None:
             self.scores = self.scores.gather(2, index)
@@ -95,6 +93,14 @@ class CompressedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be rolled back")
+
+
+def gather(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The entries at `index` of each head, re-allocated at their new length.
+
+    states: [B, Hkv, L, D]; index: [B, Hkv, k] -> [B, Hkv, k, D].
+    """
+    return states.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])).contiguous()
 
 
 def select(scores: torch.Tensor, budget: int, protected: torch.Tensor | None = None) -> torch.Tensor:

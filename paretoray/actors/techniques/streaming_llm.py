@@ -5,7 +5,9 @@ Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 20
 
 Eviction: the cache holds the first `n_sink` tokens and the last `window` tokens; every forward
 attends to what the cache holds plus its own new tokens, then the oldest non-sink entries are
-dropped. A prompt is prefilled in one forward with full attention inside it (as the reference's
+dropped. A prompt that overflows the budget goes through the mechanism every prompt compressor
+shares (`kv_compression`: score -> select -> gather, here with recency as the score and the sinks
+protected); single decoded tokens then use a ring buffer instead of re-gathering every step. A prompt is prefilled in one forward with full attention inside it (as the reference's
 chat demo does for each prompt); from then on each decoded token sees sinks + window + itself.
 
 Positions: the paper assigns positions by index in the cache, not in the text; the reference
@@ -25,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from paretoray.actors.techniques.base import Param, Technique, register
+from paretoray.actors.techniques.kv_compression import gather, select
 
 
 def rotate_by(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -116,10 +119,13 @@ class SinkWindowLayer(DynamicLayer):
         if self._sinks_unshifted is None:  # nothing was evicted before: the sinks carry no shift yet
             self._sinks_unshifted = keys[..., : self.n_sink, :].clone()
         self.evicted += excess  # the stored sinks keep their shift until the next update brings it up
-        tail = keys.shape[-2] - self.window
+        # The shared score -> select -> gather: the score is recency, the sinks are protected.
+        length = keys.shape[-2]
+        recency = torch.arange(length, dtype=torch.float32, device=keys.device).expand(*keys.shape[:2], -1)
+        index = select(recency, self.capacity, torch.arange(length, device=keys.device) < self.n_sink).sort(-1).values
         spare = keys.new_zeros(*keys.shape[:-2], 1, keys.shape[-1])
-        self.keys = torch.cat([keys[..., : self.n_sink, :], keys[..., tail:, :], spare], dim=-2)
-        self.values = torch.cat([values[..., : self.n_sink, :], values[..., tail:, :], spare], dim=-2)
+        self.keys = torch.cat([gather(keys, index), spare], dim=-2)
+        self.values = torch.cat([gather(values, index), spare], dim=-2)
         self._valid, self._write_slot = self.capacity, self.window
 
     def _shift_sinks(self) -> None:
