@@ -5,6 +5,12 @@
                   pyramidkv:max_capacity_prompt=256 h2o:max_capacity_prompt=256 \
         --new-tokens 32 --repeats 3
 
+On a GPU, speed does not need trained weights: `--random-shape llama-3.1-8b --dtype bfloat16`
+builds a random-weight model of that shape on the device (no download), e.g.
+
+    python benchmarks/kv_compression.py --random-shape llama-3.1-8b --dtype bfloat16 \
+        --lengths 4096 8192 16384 32768 --configs dense snapkv:max_capacity_prompt=1024 ...
+
 A config is `name` or `name:param=value,param=value`. For each context length, dense runs first,
 then every config on the same prompt, in the same process; each is warmed up once, then run
 `--repeats` times with every prefill and decode step timed with the device synchronized, and
@@ -46,6 +52,28 @@ def parse_config(text: str):
     return build_technique(name, params)
 
 
+# Shapes of public models, for speed measurements with random weights.
+RANDOM_SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=16384),
+}
+
+
+def random_model(shape: str, dtype: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paretoray.actors.models import pick_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = LlamaConfig(**RANDOM_SHAPES[shape], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):  # allocate on the device directly: an 8B model does not fit twice
+        model = LlamaForCausalLM(config).to(pick_dtype(dtype, device))
+    return model.eval()
+
+
 def measure(model, technique, input_ids, new_tokens: int, repeats: int, memory: PeakMemory) -> dict:
     technique.generate(model, input_ids, new_tokens)  # warm-up: allocation, kernel selection
     steps, prefills, peaks, kv = [], [], [], 0
@@ -67,6 +95,7 @@ def measure(model, technique, input_ids, new_tokens: int, repeats: int, memory: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights of this shape instead of --model")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--configs", nargs="+", default=["dense", "streaming_llm:window=252", "snapkv:max_capacity_prompt=256"])
@@ -77,7 +106,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, dtype=args.dtype)
+    model = random_model(args.random_shape, args.dtype) if args.random_shape else load_model(args.model, dtype=args.dtype)[0]
     device = model.device
     memory = PeakMemory(device)
     techniques = [parse_config(c) for c in args.configs if c != "dense"]
@@ -103,7 +132,7 @@ def main() -> None:
                   f"peak {row['peak_memory_mb']:8.1f} MiB", file=sys.stderr)
     record = {
         "benchmark": "kv_compression",
-        "model": args.model,
+        "model": f"random {args.random_shape}" if args.random_shape else args.model,
         "device": device_name(device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch": torch.__version__,
