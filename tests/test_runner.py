@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from paretoray.actors.runner import TrialRunner
+from paretoray.actors.runner import TrialRunner, Workload
 
 WORKLOAD = {"task": "passkey", "context_lengths": [256, 320], "samples_per_length": 2, "max_new_tokens": 5, "fidelity": True}
 
@@ -55,3 +55,19 @@ def test_failing_trial_is_recorded_and_actor_stays_usable(runner):
     assert unknown["status"] == "failed" and "available:" in unknown["error"]
     good = runner.run_trial({"trial": 4, "technique": "dense", "params": {}, "workload": WORKLOAD})
     assert good["status"] == "ok"
+
+
+def test_context_only_placement_is_recorded_and_compresses_before_the_question(runner):
+    workload = WORKLOAD | {"query_placement": "context_only", "fidelity": False}
+    request = {"trial": 5, "technique": "snapkv", "params": {"max_capacity_prompt": 48, "window_size": 8}, "workload": workload}
+    record = runner.run_trial(request)
+    assert record["status"] == "ok", record["traceback"]
+    assert record["query_placement"] == "context_only"
+    cfg = runner.model.config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    samples = {s.sample_id: s for s in runner._workload_samples(Workload.from_dict(workload))}
+    for row in record["samples"]:
+        # The context is cut to 48 entries before the question exists; the whole question and the
+        # decoded tokens (all but the last, never fed back) are appended after it.
+        held = 48 + len(samples[row["sample_id"]].question_ids) + row["new_tokens"] - 1
+        assert row["kv_cache_bytes"] == cfg.num_hidden_layers * held * per_token

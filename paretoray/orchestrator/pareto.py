@@ -95,9 +95,22 @@ def _complete(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]
     return [r for r in rows if r["state"] == "complete" and finite(r["metrics"].get(x)) and finite(r["metrics"].get(y))]
 
 
-def _front_line(points: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+def _front_line(points: list[dict[str, Any]], objectives: list[str]) -> tuple[list[float], list[float], str] | None:
+    """The front's staircase in the plotted plane, or None when the front lives in more dimensions.
+
+    Returns xs, ys and where the step turns: horizontally first when x is minimized ("post"),
+    vertically first when x is maximized ("pre"), so the line bounds what the front dominates.
+    """
+    if len(objectives) != 2:
+        return None  # members of a 3+-objective front can look dominated in a 2-D projection
+    x, y = objectives
     front = sorted((r for r in points if r["pareto"]), key=lambda r: (r["metrics"][x], r["metrics"][y]))
-    return [r["metrics"][x] for r in front], [r["metrics"][y] for r in front]
+    where = "pre" if METRICS.get(x) is not None and METRICS[x].higher_is_better else "post"
+    return [r["metrics"][x] for r in front], [r["metrics"][y] for r in front], where
+
+
+def _front_label(objectives: list[str]) -> str:
+    return "Pareto front" if len(objectives) <= 2 else f"Pareto front (over all {len(objectives)} objectives)"
 
 
 def plot_html(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
@@ -128,9 +141,13 @@ def plot_html(rows: list[dict[str, Any]], objectives: list[str], title: str, pat
                 hoverinfo="text",
             )
         )
-    fx, fy = _front_line(points, x, y)
-    fig.add_trace(go.Scatter(x=fx, y=fy, mode="lines", name="Pareto front", line={"shape": "hv", "dash": "dot", "color": "gray"}))
-    fig.update_layout(title=title, xaxis_title=_axis_title(x), yaxis_title=_axis_title(y), template="plotly_white")
+    line = _front_line(points, objectives)
+    if line is not None:
+        fx, fy, where = line
+        shape = "hv" if where == "post" else "vh"
+        fig.add_trace(go.Scatter(x=fx, y=fy, mode="lines", name="Pareto front", line={"shape": shape, "dash": "dot", "color": "gray"}))
+    fig.update_layout(title=f"{title}<br><sup>large outlined markers: {_front_label(objectives)}</sup>",
+                      xaxis_title=_axis_title(x), yaxis_title=_axis_title(y), template="plotly_white")
     fig.write_html(path, include_plotlyjs=True, full_html=True)
     return path
 
@@ -151,8 +168,12 @@ def plot_png(rows: list[dict[str, Any]], objectives: list[str], title: str, path
         front = [r for r in mine if r["pareto"]]
         ax.scatter([r["metrics"][x] for r in dominated], [r["metrics"][y] for r in dominated], color=colour, alpha=0.3, s=25)
         ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front], color=colour, edgecolor="black", s=60, label=technique)
-    fx, fy = _front_line(points, x, y)
-    ax.step(fx, fy, where="post", color="gray", linestyle=":", label="Pareto front")
+    line = _front_line(points, objectives)
+    if line is not None:
+        fx, fy, where = line
+        ax.step(fx, fy, where=where, color="gray", linestyle=":", label="Pareto front")
+    else:
+        ax.scatter([], [], facecolor="none", edgecolor="black", s=60, label=_front_label(objectives))
     ax.set_xlabel(_axis_title(x))
     ax.set_ylabel(_axis_title(y))
     ax.set_title(title)
