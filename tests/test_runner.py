@@ -71,3 +71,18 @@ def test_context_only_placement_is_recorded_and_compresses_before_the_question(r
         # decoded tokens (all but the last, never fed back) are appended after it.
         held = 48 + len(samples[row["sample_id"]].question_ids) + row["new_tokens"] - 1
         assert row["kv_cache_bytes"] == cfg.num_hidden_layers * held * per_token
+
+
+def test_speculative_trial_reports_acceptance_and_is_lossless(tiny_model_dir, tmp_path):
+    from tests.tiny import save_tiny_llama
+
+    draft = save_tiny_llama(tmp_path / "draft", num_layers=1, seed=3)
+    speculative = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, draft=str(draft))
+    record = speculative.run_trial({"trial": 6, "technique": "specdec", "params": {"gamma": 3}, "workload": WORKLOAD})
+    assert record["status"] == "ok", record["traceback"]
+    metrics = record["metrics"]
+    assert metrics["output_match"] == 1.0  # greedy speculative decoding reproduces the target exactly
+    assert 0.0 <= metrics["acceptance_rate"] <= 1.0
+    assert 1.0 <= metrics["tokens_per_target_call"] <= 4.0  # at most gamma accepted + the bonus token
+    assert 0 < metrics["target_calls_per_token"] <= 1.0 and metrics["draft_calls_per_token"] > 0
+    assert "fidelity" not in metrics

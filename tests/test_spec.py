@@ -89,6 +89,8 @@ def test_valid_spec_space(tmp_path):
         ({"actors": {"count": 0}}, "actors.count", "greater than or equal to 1"),
         ({"model": "./no/such/model"}, "model", "no such model directory"),
         ({"sampler": {"name": "grid"}}, "techniques.streaming_llm.window", "grid sampler needs finite"),
+        ({"techniques__specdec": {"gamma": [2, 4]}}, "model.draft", "specdec need a draft model"),
+        ({"techniques__specdec_pp": {"threshold": {"low": 0.1, "high": 1.5}}}, "techniques.specdec_pp.threshold.high", "expected <= 1.0"),
     ],
 )
 def test_invalid_field_is_named(tmp_path, changes, path, expected):

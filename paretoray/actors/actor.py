@@ -17,6 +17,7 @@ def create_actor(
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
     name: str | None = None,
+    draft: str | None = None,
 ) -> Any:
     """Start one actor hosting `model`; `num_gpus` may be fractional to pack small models.
 
@@ -34,4 +35,5 @@ def create_actor(
         device="cuda" if num_gpus > 0 else "cpu",
         attn_implementation=attn_implementation,
         threads=threads,
+        draft=draft,
     )

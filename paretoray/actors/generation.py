@@ -37,6 +37,7 @@ class Generation:
     step_s: list[float] = field(default_factory=list)  # one entry per decoded token after the first
     kv_bytes: int = 0  # KV bytes held when generation ended
     agreement: float | None = None  # teacher-forced: fraction of steps whose argmax equals the forced token
+    stats: dict[str, int] = field(default_factory=dict)  # technique counters (speculative: drafted, accepted, calls)
 
 
 def greedy_generate(

@@ -30,6 +30,7 @@ METRICS: dict[str, Metric] = {
     for m in [
         Metric("accuracy", True, "fraction", "exact-match accuracy, mean over every sample (lengths x depths)"),
         Metric("fidelity", True, "fraction", "teacher-forced next-token agreement with the dense model's continuation"),
+        Metric("output_match", True, "fraction", "samples whose generated tokens equal the dense model's own greedy output"),
         Metric("latency_ms_per_token", False, "ms", "median decode step time over all samples (first token excluded)"),
         Metric("ttft_ms", False, "ms", "median time to first token (prefill) over all samples"),
         Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token"),
@@ -37,6 +38,10 @@ METRICS: dict[str, Metric] = {
         Metric("peak_memory_mb", False, "MiB", "CUDA max allocated on GPU, process peak RSS on CPU (largest sample)"),
         Metric("speedup", True, "x", "dense latency_ms_per_token / this latency_ms_per_token, same actor"),
         Metric("ttft_speedup", True, "x", "dense ttft_ms / this ttft_ms, same actor"),
+        Metric("acceptance_rate", True, "fraction", "speculative: draft tokens accepted / draft tokens proposed"),
+        Metric("tokens_per_target_call", True, "tokens", "speculative: tokens committed per verification, bonus or resampled token included"),
+        Metric("target_calls_per_token", False, "calls", "speculative: target forwards per generated token (autoregressive: 1)"),
+        Metric("draft_calls_per_token", False, "calls", "speculative: draft forwards per generated token"),
     ]
 }
 

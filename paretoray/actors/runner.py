@@ -69,11 +69,13 @@ class TrialRunner:
         device: str | None = None,
         attn_implementation: str = "sdpa",
         threads: int | None = None,
+        draft: str | None = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.model_ref = model
         self.model, self.tokenizer = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        self.draft = load_model(draft, dtype=dtype, device=str(self.model.device), attn_implementation=attn_implementation)[0] if draft else None
         self.device = self.model.device
         self.memory = PeakMemory(self.device)
         self.env = environment(self.model, self.device, torch.get_num_threads())
@@ -135,16 +137,20 @@ class TrialRunner:
         samples = self._workload_samples(workload)
         reference = self._reference(workload, samples)
         rows, step_ms, ttft_ms, peaks = [], [], [], []
+        counters: dict[str, int] = {}
         for sample in samples:
             input_ids, question_ids = self._inputs(sample, workload)
+            extra = {"draft": self.draft} if technique.needs_draft else {}
             self.memory.reset()
             run = technique.generate(
-                self.model, input_ids, workload.max_new_tokens, self.eos_token_ids, question_ids=question_ids
+                self.model, input_ids, workload.max_new_tokens, self.eos_token_ids, question_ids=question_ids, **extra
             )
             peaks.append(self.memory.read_mb())
             text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
+            for key, value in run.stats.items():
+                counters[key] = counters.get(key, 0) + value
             fidelity = None
-            if workload.fidelity:
+            if workload.fidelity and not technique.needs_draft:  # speculative decoding is lossless by construction
                 forced = technique.generate(
                     self.model, input_ids, workload.max_new_tokens,
                     forced_tokens=reference.tokens[sample.sample_id], question_ids=question_ids,
@@ -164,6 +170,7 @@ class TrialRunner:
                     "ttft_ms": 1000 * run.prefill_s,
                     "latency_ms_per_token": median([1000 * s for s in run.step_s]),
                     "new_tokens": len(run.tokens),
+                    "matches_dense": run.tokens == reference.tokens[sample.sample_id],
                     "kv_cache_bytes": run.kv_bytes,
                     "peak_memory_mb": peaks[-1],
                     "fidelity": fidelity,
@@ -173,6 +180,7 @@ class TrialRunner:
         ttft = median(ttft_ms)
         metrics: dict[str, float] = {
             "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "output_match": sum(r["matches_dense"] for r in rows) / len(rows),
             "latency_ms_per_token": latency,
             "ttft_ms": ttft,
             "tokens_per_s": 1000.0 / latency if latency > 0 else float("nan"),
@@ -181,8 +189,14 @@ class TrialRunner:
             "speedup": reference.latency_ms_per_token / latency if latency > 0 else float("nan"),
             "ttft_speedup": reference.ttft_ms / ttft if ttft > 0 else float("nan"),
         }
-        if workload.fidelity:
+        if workload.fidelity and not technique.needs_draft:
             metrics["fidelity"] = sum(r["fidelity"] for r in rows) / len(rows)
+        if counters.get("target_calls"):
+            generated = sum(r["new_tokens"] - 1 for r in rows)  # the first token comes from the prefill
+            metrics["acceptance_rate"] = counters["accepted"] / max(counters["drafted"], 1)
+            metrics["tokens_per_target_call"] = (counters["accepted"] + counters["target_calls"]) / counters["target_calls"]
+            metrics["target_calls_per_token"] = counters["target_calls"] / max(generated, 1)
+            metrics["draft_calls_per_token"] = counters["draft_calls"] / max(generated, 1)
         for length in workload.context_lengths:
             subset = [r for r in rows if r["context_length"] == length]
             metrics[f"accuracy/ctx{length}"] = sum(r["correct"] for r in subset) / len(subset)

@@ -141,6 +141,7 @@ def start_actors(spec: SweepSpec, count: int, timeout_s: float = 900) -> list[An
             num_gpus=spec.actors.num_gpus,
             dtype=spec.model.dtype,
             attn_implementation=spec.model.attn_implementation,
+            draft=spec.model.draft,
         )
         for _ in range(count)
     ]

@@ -38,6 +38,7 @@ class ModelSpec(_Strict):
     id: str = Field(description="registry name (smollm2-135m), local directory, or Hugging Face id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
+    draft: str | None = Field(None, description="draft model for speculative techniques (same tokenizer): path or hub id")
 
 
 class WorkloadSpec(_Strict):
@@ -112,8 +113,9 @@ class SweepSpec(_Strict):
     def _model_exists(cls, model: ModelSpec) -> ModelSpec:
         from paretoray.actors.models import REGISTRY, looks_like_path
 
-        if model.id not in REGISTRY and looks_like_path(model.id) and not Path(model.id).expanduser().is_dir():
-            raise ValueError(f"no such model directory {model.id!r}; registry names: {', '.join(REGISTRY)}")
+        for ref in (model.id, model.draft):
+            if ref and ref not in REGISTRY and looks_like_path(ref) and not Path(ref).expanduser().is_dir():
+                raise ValueError(f"no such model directory {ref!r}; registry names: {', '.join(REGISTRY)}")
         return model
 
     @field_validator("techniques", mode="before")
@@ -282,6 +284,10 @@ def constraints(spec: SweepSpec) -> list[Constraint]:
 
 def _check_objectives(spec: SweepSpec) -> list[tuple[str, str]]:
     problems = []
+    registry = available_techniques()
+    needing = [name for name in spec.techniques if name in registry and registry[name].needs_draft]
+    if needing and spec.model.draft is None:
+        problems.append(("model.draft", f"{', '.join(needing)} need a draft model: set model: {{id: ..., draft: PATH}}"))
     for name, direction in spec.objectives.items():
         metric = METRICS.get(name)
         if metric is None:

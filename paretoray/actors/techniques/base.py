@@ -115,6 +115,7 @@ class Technique:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]]
     phase: ClassVar[str] = "decode"  # what the technique changes: "none", "kv-cache", "decode" ...
+    needs_draft: ClassVar[bool] = False  # generate() takes `draft=` (a second, smaller model)
 
     def __post_init__(self) -> None:
         problems = [f"{key}: {why}" for key, spec in self.params.items() if (why := spec.check(getattr(self, key)))]

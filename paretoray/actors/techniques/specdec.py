@@ -1,0 +1,39 @@
+"""Speculative decoding with a fixed candidate length gamma (the draft proposes gamma tokens per round).
+
+Leviathan et al., ICML 2023; Chen et al., 2023. Lossless: greedy outputs equal the target's own
+greedy decoding, sampled outputs follow the target's distribution (see `speculative.verify`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.speculative import DraftPolicy, Speculative
+
+
+@dataclass
+class FixedLength(DraftPolicy):
+    gamma: int
+
+    def stop(self, proposed: int, draft_hidden: torch.Tensor) -> bool:
+        return proposed >= self.gamma
+
+
+@register
+@dataclass(frozen=True)
+class SpecDec(Speculative):
+    gamma: int = 4
+    temperature: float = 0.0
+
+    name = "specdec"
+    params = {
+        "gamma": Param("int", 4, low=1, high=32, doc="candidate tokens the draft proposes per round"),
+        "temperature": Param("float", 0.0, low=0.0, high=2.0, doc="0: greedy; > 0: speculative sampling at this temperature"),
+    }
+
+    def policy(self, draft: PreTrainedModel) -> DraftPolicy:
+        return FixedLength(self.gamma)

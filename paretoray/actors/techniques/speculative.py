@@ -1,0 +1,205 @@
+"""The loop speculative techniques share: a draft proposes, the target verifies in one forward.
+
+Leviathan et al., "Fast Inference from Transformers via Speculative Decoding" (ICML 2023) and
+Chen et al., "Accelerating Large Language Model Decoding with Speculative Sampling" (2023) give
+the verification rule; gpt-fast's `speculative_decode` is the shape this follows.
+
+One round:
+  1. the draft catches up on committed tokens it has not seen, then proposes d_1..d_k one at a
+     time; `should_stop(k, draft_hidden)` decides when to stop proposing (fixed gamma, or
+     SpecDec++'s acceptance head);
+  2. the target runs [last committed token, d_1..d_k] in one forward: k + 1 distributions;
+  3. greedy: accept while the target's argmax equals d_i; sampling: accept d_i with probability
+     min(1, p_i(d_i) / q_i(d_i)), and resample the first rejection from norm(max(0, p_i - q_i));
+     when all k are accepted, the (k+1)-th distribution gives a bonus token for free;
+  4. both caches are cropped back to the accepted prefix (no re-prefill).
+Each round commits accepted + 1 tokens for one target call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from paretoray.actors.generation import Generation, cache_nbytes, synchronize
+from paretoray.actors.techniques.base import Technique
+
+
+def verify(
+    target_probs: torch.Tensor,  # [k + 1, V]: p(. | prefix, d_1..d_{i-1}) for i = 1..k+1
+    draft_probs: torch.Tensor | None,  # [k, V]: q_i, or None for greedy
+    draft_tokens: list[int],  # d_1..d_k
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """How many draft tokens the target accepts, and the token that follows them.
+
+    Greedy (draft_probs None): accept while argmax p_i == d_i; the next token is argmax p_{a+1}.
+    Sampling: the standard rule, which makes every committed token distributed exactly as the
+    target would have sampled it.
+    """
+    k = len(draft_tokens)
+    if draft_probs is None:
+        argmax = target_probs.argmax(dim=-1).tolist()
+        accepted = next((i for i in range(k) if argmax[i] != draft_tokens[i]), k)
+        return accepted, argmax[accepted]
+    for i, token in enumerate(draft_tokens):
+        p, q = target_probs[i, token], draft_probs[i, token]
+        if torch.rand((), generator=generator, device=target_probs.device) * q > p:  # reject: u > p / q
+            residual = (target_probs[i] - draft_probs[i]).clamp_min(0)
+            residual = residual / residual.sum() if residual.sum() > 0 else target_probs[i]
+            return i, int(torch.multinomial(residual, 1, generator=generator))
+    return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Next-token probabilities; temperature 0 means greedy (a one-hot on the argmax)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+class DraftPolicy:
+    """Decides, proposal by proposal, when a round of drafting stops."""
+
+    def begin_round(self) -> None:
+        """A new round starts: forget the previous round's proposals."""
+
+    def stop(self, proposed: int, draft_hidden: torch.Tensor) -> bool:
+        """After `proposed` proposals this round (the last one's draft hidden state given)."""
+        raise NotImplementedError
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0
+    accepted: int = 0
+    target_calls: int = 0  # verification forwards (the prefill not counted)
+    draft_calls: int = 0  # draft forwards (the prefill not counted)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"drafted": self.drafted, "accepted": self.accepted, "target_calls": self.target_calls, "draft_calls": self.draft_calls}
+
+
+@dataclass(frozen=True)
+class Speculative(Technique):
+    """Base of draft-and-verify techniques (not registered itself)."""
+
+    phase = "decode"
+    params = {}
+    needs_draft = True
+
+    temperature_param = "temperature"
+
+    def policy(self, draft: PreTrainedModel) -> DraftPolicy:
+        """A fresh drafting policy for one generation: when to stop proposing in each round."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_ids: set[int] | None = None,
+        forced_tokens: list[int] | None = None,
+        question_ids: torch.Tensor | None = None,
+        draft: PreTrainedModel | None = None,
+        seed: int = 0,
+    ) -> Generation:
+        if draft is None:
+            raise ValueError(f"{self.name} needs a draft model: set `model.draft` in the sweep spec")
+        if forced_tokens is not None or question_ids is not None:
+            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
+        return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed)
+
+
+def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache, device: torch.device, hidden: bool = False):
+    out = model(input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True, output_hidden_states=hidden)
+    return out.logits[0], (out.hidden_states[-1][0] if hidden else None)
+
+
+def speculative_generate(
+    technique: Speculative,
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.Tensor,  # [1, prompt_len]
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    seed: int = 0,
+    target_cache: DynamicCache | None = None,  # given by tests that inspect the caches afterwards
+    draft_cache: DynamicCache | None = None,
+) -> Generation:
+    device = input_ids.device
+    temperature = float(getattr(technique, technique.temperature_param, 0.0))
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    stats = SpeculativeStats()
+    target_cache = target_cache if target_cache is not None else DynamicCache(config=target.config)
+    draft_cache = draft_cache if draft_cache is not None else DynamicCache(config=draft.config)
+    policy = technique.policy(draft)
+    prompt = input_ids[0].tolist()
+
+    synchronize(device)
+    started = time.perf_counter()
+    target_logits, _ = _forward(target, prompt, target_cache, device)
+    _forward(draft, prompt, draft_cache, device)
+    first = distribution(target_logits[-1:], temperature)[0]
+    committed = [int(first.argmax()) if generator is None else int(torch.multinomial(first, 1, generator=generator))]
+    synchronize(device)
+    prefill_s = time.perf_counter() - started
+
+    step_s: list[float] = []
+    draft_seen = len(prompt)  # tokens the draft's cache holds
+    while len(committed) < max_new_tokens and committed[-1] not in eos_token_ids:
+        synchronize(device)
+        round_start = time.perf_counter()
+        sequence = prompt + committed
+        # 1. draft: catch up on committed tokens it has not seen, then propose.
+        pending = sequence[draft_seen:]
+        draft_tokens: list[int] = []
+        draft_dists: list[torch.Tensor] = []
+        policy.begin_round()
+        while True:
+            logits, hidden = _forward(draft, pending, draft_cache, device, hidden=True)
+            stats.draft_calls += 1
+            q = distribution(logits[-1:], temperature)[0]
+            token = int(q.argmax()) if generator is None else int(torch.multinomial(q, 1, generator=generator))
+            draft_tokens.append(token)
+            draft_dists.append(q)
+            pending = [token]
+            room = max_new_tokens - len(committed)
+            if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden[-1]):
+                break
+        draft_seen = len(sequence) + len(draft_tokens) - 1  # the last proposal was never fed
+        # 2. target: one forward over the last committed token and every proposal.
+        logits, _ = _forward(target, [sequence[-1], *draft_tokens], target_cache, device)
+        stats.target_calls += 1
+        p = distribution(logits, temperature)
+        # 3. verify.
+        accepted, following = verify(p, torch.stack(draft_dists) if generator is not None else None, draft_tokens, generator)
+        stats.drafted += len(draft_tokens)
+        stats.accepted += accepted
+        new = draft_tokens[:accepted] + [following]
+        # 4. roll both caches back to the accepted prefix.
+        target_cache.crop(-(len(draft_tokens) - accepted)) if accepted < len(draft_tokens) else None
+        kept_in_draft = len(sequence) + accepted
+        if draft_seen > kept_in_draft:
+            draft_cache.crop(-(draft_seen - kept_in_draft))
+            draft_seen = kept_in_draft
+        committed.extend(new)
+        synchronize(device)
+        elapsed = time.perf_counter() - round_start
+        step_s.extend([elapsed / len(new)] * len(new))  # a round's time, shared by the tokens it produced
+
+    committed = committed[:max_new_tokens]
+    if any(t in eos_token_ids for t in committed):
+        committed = committed[: next(i for i, t in enumerate(committed) if t in eos_token_ids) + 1]
+    return Generation(
+        tokens=committed,
+        prefill_s=prefill_s,
+        step_s=step_s[: max(len(committed) - 1, 0)],
+        kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
+        stats=stats.as_dict(),
+    )

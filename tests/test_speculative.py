@@ -1,0 +1,118 @@
+"""Speculative decoding on tiny random models: lossless greedy, a sampling verifier that
+reproduces the target distribution, SpecDec++'s stopping rule, and exact cache rollback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from paretoray.actors.techniques import build_technique
+from paretoray.actors.techniques.specdec_pp import AcceptanceHead, ThresholdPolicy
+from paretoray.actors.techniques.speculative import speculative_generate, verify
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """A 1-layer random draft sharing the tiny target's tokenizer, with a random acceptance head."""
+    from tests.tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("draft") / "tiny-draft", num_layers=1, seed=1)
+    torch.manual_seed(0)
+    AcceptanceHead(hidden_size=64, num_layers=3).save(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def prompt(model, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, model.config.vocab_size, (1, length), generator=generator)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("specdec", {"gamma": 1}), ("specdec", {"gamma": 3}), ("specdec", {"gamma": 8}),
+    ("specdec_pp", {"threshold": 0.2, "max_gamma": 6}), ("specdec_pp", {"threshold": 0.9, "max_gamma": 12}),
+])
+def test_greedy_is_lossless(tiny_model, draft, name, params):
+    target, _ = tiny_model
+    technique = build_technique(name, params)
+    for seed in range(3):
+        ids = prompt(target, 40, seed)
+        expected = target.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 40:].tolist()
+        run = technique.generate(target, ids, 20, draft=draft)
+        assert run.tokens == expected
+        assert run.stats["target_calls"] >= 1 and run.stats["accepted"] <= run.stats["drafted"]
+        assert len(run.step_s) == 19
+
+
+def test_greedy_draft_equal_to_target_accepts_everything(tiny_model):
+    target, _ = tiny_model
+    run = build_technique("specdec", {"gamma": 4}).generate(target, prompt(target, 30, 9), 21, draft=target)
+    assert run.stats["accepted"] == run.stats["drafted"]  # every round: 4 accepted + 1 bonus token
+    assert run.stats["target_calls"] == 4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sampling_verifier_reproduces_the_target_distribution(k):
+    vocab, samples = 6, 40_000
+    generator = torch.Generator().manual_seed(0)
+    p = torch.rand(k + 1, vocab, generator=generator).pow(3).softmax(-1)  # target rows
+    q = torch.rand(k, vocab, generator=generator).pow(3).softmax(-1)  # draft rows, quite different
+    counts = torch.zeros(vocab)
+    for _ in range(samples):
+        tokens = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(k)]
+        accepted, following = verify(p, q, tokens, generator)
+        first = tokens[0] if accepted >= 1 else following
+        counts[first] += 1
+    observed = counts / samples
+    # Each frequency is a mean of `samples` Bernoulli draws: 5 standard errors is a 1-in-a-million miss.
+    tolerance = 5 * (p[0] * (1 - p[0]) / samples).sqrt()
+    assert (observed - p[0]).abs().le(tolerance).all(), (observed, p[0])
+
+
+def test_stopping_rule_stops_when_rejection_probability_exceeds_threshold():
+    hidden = torch.zeros(1)
+    for threshold in (0.05, 0.2, 0.5):
+        probs = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5]
+        expected = next(k for k in range(1, 7) if 1 - math.prod(probs[:k]) > threshold)
+        feed = iter(probs)
+        policy = ThresholdPolicy(lambda h: next(feed), threshold, min_gamma=1, max_gamma=20)
+        policy.begin_round()
+        stopped_at = next(k for k in range(1, 7) if policy.stop(k, hidden))
+        assert stopped_at == expected
+    # The bounds win over the threshold: at least min_gamma, at most max_gamma proposals.
+    policy = ThresholdPolicy(lambda h: 0.01, 0.1, min_gamma=3, max_gamma=5)
+    policy.begin_round()
+    assert [policy.stop(k, hidden) for k in (1, 2, 3)] == [False, False, True]
+    policy = ThresholdPolicy(lambda h: 1.0, 0.1, min_gamma=1, max_gamma=4)
+    policy.begin_round()
+    assert [policy.stop(k, hidden) for k in (1, 2, 3, 4)] == [False, False, False, True]
+
+
+def test_rollback_leaves_caches_equal_to_a_fresh_prefill(tiny_model, draft):
+    target, _ = tiny_model
+    ids = prompt(target, 35, 4)
+    target_cache, draft_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+    technique = build_technique("specdec", {"gamma": 5})
+    run = speculative_generate(technique, target, draft, ids, 24, set(), target_cache=target_cache, draft_cache=draft_cache)
+    assert run.stats["accepted"] < run.stats["drafted"]  # rejections happened: rollback was exercised
+    sequence = ids[0].tolist() + run.tokens
+    for model, cache in ((target, target_cache), (draft, draft_cache)):
+        held = cache.get_seq_length()
+        fresh = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(torch.tensor([sequence[:held]]), past_key_values=fresh, use_cache=True)
+        for kept, reference in zip(cache.layers, fresh.layers):
+            torch.testing.assert_close(kept.keys, reference.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(kept.values, reference.values, rtol=1e-4, atol=1e-5)
+    assert target_cache.get_seq_length() == len(sequence) - 1  # all but the last token, not fed yet
+
+
+def test_sampling_runs_and_is_seeded(tiny_model, draft):
+    target, _ = tiny_model
+    technique = build_technique("specdec", {"gamma": 3, "temperature": 1.0})
+    ids = prompt(target, 30, 5)
+    first = technique.generate(target, ids, 15, draft=draft, seed=7)
+    again = technique.generate(target, ids, 15, draft=draft, seed=7)
+    assert first.tokens == again.tokens and len(first.tokens) == 15
