@@ -1,0 +1,169 @@
+"""A draft for a target with no smaller sibling: its first layers, distilled from it.
+
+The draft copies the target's embeddings, its first `layers` decoder layers, its final norm and
+its output head, so it starts as a truncated target and shares the tokenizer. It is then
+distilled on the target's own sampled continuations of prompts the project makes offline
+(`prompts.py`), minimising KL(target || draft) over every position of each sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
+
+
+@dataclass
+class DraftReport:
+    layers: int
+    target_layers: int
+    steps: int
+    corpus_sequences: int
+    final_kl: float
+    greedy_agreement: float  # held-out: fraction of positions where draft and target argmax agree
+    acceptance_rate: float  # greedy specdec (gamma 4) on fresh prompts: accepted / drafted
+    train_s: float
+
+
+def truncated_copy(target: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """A model of the target's architecture with its first `layers` layers and shared-shape weights."""
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = draft.load_state_dict(target.state_dict(), strict=False)
+    leftover = [k for k in unexpected if not any(k.startswith(f"model.layers.{i}.") for i in range(layers, target.config.num_hidden_layers))]
+    if missing or leftover:
+        raise RuntimeError(f"cannot build a truncated draft: missing {missing[:5]}, unexpected {leftover[:5]}")
+    return draft
+
+
+@torch.inference_mode()
+def sample_corpus(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  new_tokens: int, batch_size: int = 8, seed: int = 0) -> list[list[int]]:
+    """The target's own continuations (sampled, temperature 0.8) of each prompt, prompt included."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    sequences = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="target samples its own continuations", unit="batch"):
+        batch = tokenizer([as_chat(tokenizer, p) for p in prompts[start : start + batch_size]], return_tensors="pt", padding=True)
+        out = target.generate(**batch.to(target.device), max_new_tokens=new_tokens, do_sample=True, temperature=0.8,
+                              top_p=0.95, pad_token_id=tokenizer.pad_token_id)
+        for row, mask in zip(out, batch["attention_mask"]):
+            tokens = row[int((mask == 0).sum()) :].tolist()  # drop the left padding
+            ended = False
+            while tokens and tokens[-1] == tokenizer.pad_token_id:  # right padding after a finished row
+                tokens.pop()
+                ended = True
+            if ended and tokenizer.pad_token_id == tokenizer.eos_token_id:
+                tokens.append(tokenizer.eos_token_id)  # the pad was the end-of-sequence token itself
+            sequences.append(tokens)
+    return sequences
+
+
+def _kl(target_logits: torch.Tensor, draft_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions of KL(target || draft). logits [B, T, V], mask [B, T]."""
+    target_log_p = target_logits.float().log_softmax(-1)
+    draft_log_p = draft_logits.float().log_softmax(-1)
+    per_position = (target_log_p.exp() * (target_log_p - draft_log_p)).sum(-1)
+    return (per_position * mask).sum() / mask.sum()
+
+
+def _batches(sequences: list[list[int]], batch_size: int, pad: int, generator: torch.Generator):
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chosen = [sequences[i] for i in order[start : start + batch_size]]
+            length = max(len(s) for s in chosen)
+            ids = torch.full((batch_size, length), pad)
+            mask = torch.zeros(batch_size, length)
+            for row, seq in enumerate(chosen):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            yield ids, mask
+
+
+def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]], steps: int, pad: int,
+            batch_size: int = 8, lr: float = 3e-4, seed: int = 0) -> float:
+    """Train `draft` to match the target's next-token distributions; returns the last KL (EMA)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    draft.train()
+    ema = float("nan")
+    batches = _batches(sequences, batch_size, pad, generator)
+    with tqdm(range(steps), desc="distilling the draft", unit="step") as bar:
+        for _ in bar:
+            ids, mask = next(batches)
+            with torch.no_grad():
+                teacher = target(input_ids=ids, attention_mask=mask.long()).logits
+            loss = _kl(teacher, draft(input_ids=ids, attention_mask=mask.long()).logits, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            ema = loss.item() if math.isnan(ema) else 0.9 * ema + 0.1 * loss.item()
+            bar.set_postfix(kl=f"{ema:.3f}")
+    draft.eval()
+    return ema
+
+
+@torch.inference_mode()
+def greedy_agreement(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]]) -> float:
+    """Fraction of positions where draft and target pick the same next token (held-out text)."""
+    agree = total = 0
+    for seq in sequences:
+        ids = torch.tensor([seq])
+        agree += int((target(ids).logits.argmax(-1) == draft(ids).logits.argmax(-1)).sum())
+        total += len(seq)
+    return agree / max(total, 1)
+
+
+@torch.inference_mode()
+def measured_acceptance(target: PreTrainedModel, draft: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list[str], new_tokens: int) -> float:
+    """Acceptance rate of greedy speculative decoding (gamma 4) with this draft."""
+    from paretoray.actors.techniques import build_technique
+
+    technique = build_technique("specdec", {"gamma": 4})
+    drafted = accepted = 0
+    for prompt in prompts:
+        ids = tokenizer(as_chat(tokenizer, prompt), return_tensors="pt").input_ids.to(target.device)
+        stats = technique.generate(target, ids, new_tokens, draft=draft).stats
+        drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+    return accepted / max(drafted, 1)
+
+
+def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, layers: int = 4,
+                steps: int = 300, prompts_per_set: int = 48, new_tokens: int = 96, batch_size: int = 8,
+                seed: int = 0) -> DraftReport:
+    started = time.perf_counter()
+    prompts = [p for kind in PROMPT_SETS for p in make_prompts(kind, prompts_per_set, seed)]
+    sequences = sample_corpus(target, tokenizer, prompts, new_tokens, batch_size, seed)
+    held_out, train = sequences[: len(sequences) // 10], sequences[len(sequences) // 10 :]
+    draft = truncated_copy(target, layers)
+    kl = distill(target, draft, train, steps, tokenizer.pad_token_id, batch_size, seed=seed)
+    report = DraftReport(
+        layers=layers, target_layers=target.config.num_hidden_layers, steps=steps, corpus_sequences=len(sequences),
+        final_kl=kl, greedy_agreement=greedy_agreement(target, draft, held_out),
+        acceptance_rate=measured_acceptance(target, draft, tokenizer, [p for k in PROMPT_SETS for p in make_prompts(k, 2, seed + 1)], new_tokens // 2),
+        train_s=time.perf_counter() - started,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    draft.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "draft_report.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
