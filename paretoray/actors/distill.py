@@ -3,7 +3,8 @@
 The draft copies the target's embeddings, its first `layers` decoder layers, its final norm and
 its output head, so it starts as a truncated target and shares the tokenizer. It is then
 distilled on the target's own sampled continuations of prompts the project makes offline
-(`prompts.py`), minimising KL(target || draft) over every position of each sequence.
+(`prompts.py`), minimising KL(target || draft) over every position of each sequence, restricted
+to the target's top-64 tokens, which are scored once for the whole corpus.
 """
 
 from __future__ import annotations
@@ -73,46 +74,74 @@ def sample_corpus(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     return sequences
 
 
-def _kl(target_logits: torch.Tensor, draft_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real positions of KL(target || draft). logits [B, T, V], mask [B, T]."""
-    target_log_p = target_logits.float().log_softmax(-1)
-    draft_log_p = draft_logits.float().log_softmax(-1)
-    per_position = (target_log_p.exp() * (target_log_p - draft_log_p)).sum(-1)
+TEACHER_TOP_K = 64  # the target's most likely tokens per position: nearly all of its probability mass
+
+
+@torch.inference_mode()
+def teacher_targets(target: PreTrainedModel, sequences: list[list[int]], top_k: int = TEACHER_TOP_K):
+    """The target's top-k log-probabilities at every position, computed once for the whole corpus."""
+    cached = []
+    for seq in tqdm(sequences, desc="target scores the corpus once", unit="seq"):
+        log_p = target(torch.tensor([seq], device=target.device)).logits[0].float().log_softmax(-1)
+        values, index = log_p.topk(top_k, dim=-1)
+        cached.append((values.cpu(), index.cpu()))
+    return cached
+
+
+def sparse_kl(draft_logits: torch.Tensor, teacher_log_p: torch.Tensor, teacher_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(target || draft) over the target's top-k tokens, mean over real positions.
+
+    draft_logits [B, T, V]; teacher_log_p, teacher_index [B, T, k]; mask [B, T].
+    """
+    draft_log_p = draft_logits.float().log_softmax(-1).gather(-1, teacher_index)
+    per_position = (teacher_log_p.exp() * (teacher_log_p - draft_log_p)).sum(-1)
     return (per_position * mask).sum() / mask.sum()
 
 
-def _batches(sequences: list[list[int]], batch_size: int, pad: int, generator: torch.Generator):
+def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, generator: torch.Generator):
+    top_k = teacher[0][0].shape[-1]
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = [sequences[i] for i in order[start : start + batch_size]]
-            length = max(len(s) for s in chosen)
+            chosen = order[start : start + batch_size]
+            length = max(len(sequences[i]) for i in chosen)
             ids = torch.full((batch_size, length), pad)
             mask = torch.zeros(batch_size, length)
-            for row, seq in enumerate(chosen):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            yield ids, mask
+            log_p = torch.zeros(batch_size, length, top_k)
+            index = torch.zeros(batch_size, length, top_k, dtype=torch.long)
+            for row, i in enumerate(chosen):
+                n = len(sequences[i])
+                ids[row, :n] = torch.tensor(sequences[i])
+                mask[row, :n] = 1
+                log_p[row, :n], index[row, :n] = teacher[i]
+            yield ids, mask, log_p, index
 
 
 def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]], steps: int, pad: int,
             batch_size: int = 8, lr: float = 3e-4, seed: int = 0) -> float:
-    """Train `draft` to match the target's next-token distributions; returns the last KL (EMA)."""
+    """Train the draft's layers to match the target's next-token distributions; returns the last KL (EMA).
+
+    The embedding and output head stay frozen (they are the target's, shared or tied), so only
+    what the truncation changed is trained.
+    """
+    teacher = teacher_targets(target, sequences)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=0.0)
+    draft.get_input_embeddings().weight.requires_grad_(False)
+    draft.get_output_embeddings().weight.requires_grad_(False)
+    trainable = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     draft.train()
     ema = float("nan")
-    batches = _batches(sequences, batch_size, pad, generator)
+    batches = _batches(sequences, teacher, batch_size, pad, generator)
     with tqdm(range(steps), desc="distilling the draft", unit="step") as bar:
         for _ in bar:
-            ids, mask = next(batches)
-            with torch.no_grad():
-                teacher = target(input_ids=ids, attention_mask=mask.long()).logits
-            loss = _kl(teacher, draft(input_ids=ids, attention_mask=mask.long()).logits, mask)
+            ids, mask, log_p, index = next(batches)
+            logits = draft(input_ids=ids.to(draft.device), attention_mask=mask.long().to(draft.device)).logits
+            loss = sparse_kl(logits, log_p.to(draft.device), index.to(draft.device), mask.to(draft.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             ema = loss.item() if math.isnan(ema) else 0.9 * ema + 0.1 * loss.item()
