@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--out", type=Path, help="where to save (default: $PARETORAY_CACHE/drafts/MODEL-L{layers})")
     draft.add_argument("--seed", type=int, default=0)
 
+    head = commands.add_parser("train-acceptance-head", help="train SpecDec++'s acceptance-prediction head for a target/draft pair",
+                               description="The draft continues shipped prompts; the target judges each proposed token. The head "
+                               "(on the draft's last hidden state) is trained with the reference's weighted soft cross-entropy, "
+                               "saved beside the draft, and its calibration on held-out pairs is printed.")
+    head.add_argument("--model", default="smollm2-135m", help="the target")
+    head.add_argument("--draft", required=True, type=Path, help="the draft's folder (the head is saved there)")
+    head.add_argument("--prompts-per-set", type=int, default=16)
+    head.add_argument("--new-tokens", type=int, default=48)
+    head.add_argument("--steps", type=int, default=500)
+    head.add_argument("--temperature", type=float, default=0.0, help="0: labels for greedy verification; > 0: soft labels min(1, p/q)")
+    head.add_argument("--seed", type=int, default=0)
+
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -218,6 +230,24 @@ def _train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from paretoray.actors.acceptance import train_acceptance_head
+    from paretoray.actors.models import ModelLoadError, load_model
+
+    try:
+        target, tokenizer = load_model(args.model, dtype="float32")
+        draft, _ = load_model(str(args.draft), dtype="float32")
+    except ModelLoadError as error:
+        return _fail(str(error), 1)
+    report = train_acceptance_head(target, draft, tokenizer, args.draft, prompts_per_set=args.prompts_per_set,
+                                   new_tokens=args.new_tokens, steps=args.steps, temperature=args.temperature, seed=args.seed)
+    print(json.dumps(dataclasses.asdict(report), indent=1))
+    print(f"head saved in {args.draft}; sweep it with technique specdec_pp and model: {{id: {args.model}, draft: {args.draft}}}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from paretoray.orchestrator.stores import resolve_stores
 
@@ -242,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return _techniques()
     if args.command == "train-draft":
         return _train_draft(args)
+    if args.command == "train-acceptance-head":
+        return _train_head(args)
     return _ui(args)
 
 
