@@ -31,25 +31,7 @@ import torch
 
 from paretoray.actors.metrics import PeakMemory, device_name
 from paretoray.actors.models import load_model
-from paretoray.actors.techniques import build_technique
-
-
-def _number(value: str):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value  # categorical, e.g. pooling=maxpool
-
-
-def parse_config(text: str):
-    name, _, args = text.partition(":")
-    params = {}
-    for pair in filter(None, args.split(",")):
-        key, _, value = pair.partition("=")
-        params[key] = _number(value)
-    return build_technique(name, params)
+from paretoray.actors.techniques import build_technique, parse_technique
 
 
 # Shapes of public models, for speed measurements with random weights.
@@ -109,7 +91,7 @@ def main() -> None:
     model = random_model(args.random_shape, args.dtype) if args.random_shape else load_model(args.model, dtype=args.dtype)[0]
     device = model.device
     memory = PeakMemory(device)
-    techniques = [parse_config(c) for c in args.configs if c != "dense"]
+    techniques = [parse_technique(c) for c in args.configs if c != "dense"]
     generator = torch.Generator().manual_seed(0)
     rows = []
     started = time.perf_counter()

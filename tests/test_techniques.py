@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from paretoray.actors.generation import greedy_generate
-from paretoray.actors.techniques import UnknownTechniqueError, available_techniques, build_technique
+from paretoray.actors.techniques import UnknownTechniqueError, available_techniques, build_technique, parse_technique
 from paretoray.actors.techniques.streaming_llm import SinkWindowLayer, rope_inv_freq
 
 
@@ -30,6 +30,14 @@ def test_params_are_validated_against_declared_ranges():
     with pytest.raises(ValueError, match="unknown parameter"):
         build_technique("streaming_llm", {"windw": 8})
     assert build_technique("streaming_llm", {"window": 8}).label == "streaming_llm(n_sink=4,window=8)"
+
+
+def test_techniques_parse_from_the_command_line_form():
+    assert parse_technique("dense").label == "dense"
+    snap = parse_technique("snapkv:max_capacity_prompt=0.25,window_size=8,pooling=maxpool")
+    assert (snap.max_capacity_prompt, snap.window_size, snap.pooling) == (0.25, 8, "maxpool")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        parse_technique("streaming_llm:windw=3")
 
 
 def test_dense_equals_plain_generate(tiny_model):

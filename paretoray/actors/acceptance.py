@@ -107,6 +107,9 @@ def train_acceptance_head(target: PreTrainedModel, draft: PreTrainedModel, token
     started = time.perf_counter()
     prompts = [p for kind in PROMPT_SETS for p in make_prompts(kind, prompts_per_set, seed + 100)]
     hidden, labels = collect_pairs(target, draft, tokenizer, prompts, new_tokens, temperature, seed)
+    # Held-out pairs drawn across every prompt set, not just the first prompts collected.
+    order = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(seed))
+    hidden, labels = hidden[order], labels[order]
     held = max(1, hidden.shape[0] // 10)
     head, loss = train_head(hidden[held:], labels[held:], steps, seed=seed)
     report = HeadReport(pairs=int(hidden.shape[0]), observed_acceptance=float(labels.mean()), steps=steps, final_loss=loss,

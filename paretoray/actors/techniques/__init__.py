@@ -12,6 +12,7 @@ from paretoray.actors.techniques.base import (
     UnknownTechniqueError,
     available_techniques,
     build_technique,
+    parse_technique,
     register,
     technique_class,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "UnknownTechniqueError",
     "available_techniques",
     "build_technique",
+    "parse_technique",
     "register",
     "technique_class",
 ]

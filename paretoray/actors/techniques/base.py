@@ -108,6 +108,22 @@ def build_technique(name: str, params: dict[str, Any]) -> Technique:
     return cls(**values)
 
 
+def parse_technique(text: str) -> Technique:
+    """`name` or `name:param=value,param=value` (numbers parsed, anything else a string)."""
+
+    def value(raw: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(raw)
+            except ValueError:
+                pass
+        return raw
+
+    name, _, args = text.partition(":")
+    pairs = (pair.partition("=") for pair in filter(None, args.split(",")))
+    return build_technique(name, {key: value(raw) for key, _, raw in pairs})
+
+
 @dataclass(frozen=True)
 class Technique:
     """Base class. Subclasses are frozen dataclasses declaring `name` and `params`."""
