@@ -147,8 +147,18 @@ def test_compressed_generation_is_deterministic_and_smaller(tiny_model, name):
 
 
 def test_attention_hooks_are_removed(tiny_model):
+    """Our hook is installed once per layer while applied, and only ours is removed afterwards
+    (transformers keeps hooks of its own once hidden states have been requested)."""
     model, _ = tiny_model
-    before = model.config._attn_implementation
-    build_technique("snapkv", {"max_capacity_prompt": 16, "window_size": 4}).generate(model, prompt(model, 40), 3)
-    assert model.config._attn_implementation == before
-    assert all(not layer.self_attn._forward_hooks for layer in model.model.layers)
+
+    def hooks() -> list[set[int]]:
+        return [set(layer.self_attn._forward_hooks) for layer in model.model.layers]
+
+    before, implementation = hooks(), model.config._attn_implementation
+    technique = build_technique("snapkv", {"max_capacity_prompt": 16, "window_size": 4})
+    with technique.applied(model):
+        assert all(len(during - kept) == 1 for during, kept in zip(hooks(), before))
+        assert model.config._attn_implementation == "paretoray_sdpa"
+    technique.generate(model, prompt(model, 40), 3)
+    assert hooks() == before
+    assert model.config._attn_implementation == implementation

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from paretoray.actors.techniques.base import Param, register
-from paretoray.actors.techniques.speculative import DraftPolicy, Speculative
+from paretoray.actors.techniques.speculative import TEMPERATURE, DraftPolicy, Speculative
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SpecDec(Speculative):
     name = "specdec"
     params = {
         "gamma": Param("int", 4, low=1, high=32, doc="candidate tokens the draft proposes per round"),
-        "temperature": Param("float", 0.0, low=0.0, high=2.0, doc="0: greedy; > 0: speculative sampling at this temperature"),
+        "temperature": TEMPERATURE,
     }
 
     def policy(self, draft: PreTrainedModel) -> DraftPolicy:

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from paretoray.actors.techniques.base import Param, register
-from paretoray.actors.techniques.speculative import DraftPolicy, Speculative
+from paretoray.actors.techniques.speculative import TEMPERATURE, DraftPolicy, Speculative
 
 HEAD_WEIGHTS, HEAD_CONFIG = "acceptance_head.safetensors", "acceptance_head.json"
 
@@ -117,7 +117,7 @@ class SpecDecPP(Speculative):
         "threshold": Param("float", 0.3, low=0.0, high=1.0, doc="stop drafting once P(some proposal rejected) exceeds this (reference: 0.3)"),
         "max_gamma": Param("int", 20, low=1, high=64, doc="most candidates per round (reference bound: 20)"),
         "min_gamma": Param("int", 2, low=1, high=64, doc="fewest candidates per round (reference bound: 2)"),
-        "temperature": Param("float", 0.0, low=0.0, high=2.0, doc="0: greedy; > 0: speculative sampling at this temperature"),
+        "temperature": TEMPERATURE,
     }
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from paretoray.actors.generation import Generation, cache_nbytes, synchronize
-from paretoray.actors.techniques.base import Technique
+from paretoray.actors.techniques.base import Param, Technique
 
 
 def verify(
@@ -61,6 +61,9 @@ def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+TEMPERATURE = Param("float", 0.0, low=0.0, high=2.0, doc="0: greedy; > 0: speculative sampling at this temperature")
+
+
 class DraftPolicy:
     """Decides, proposal by proposal, when a round of drafting stops."""
 
@@ -90,8 +93,6 @@ class Speculative(Technique):
     phase = "decode"
     params = {}
     needs_draft = True
-
-    temperature_param = "temperature"
 
     def policy(self, draft: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
@@ -133,7 +134,7 @@ def speculative_generate(
     draft_cache: DynamicCache | None = None,
 ) -> Generation:
     device = input_ids.device
-    temperature = float(getattr(technique, technique.temperature_param, 0.0))
+    temperature = float(getattr(technique, "temperature", 0.0))
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     stats = SpeculativeStats()
     target_cache = target_cache if target_cache is not None else DynamicCache(config=target.config)
