@@ -86,3 +86,15 @@ def test_speculative_trial_reports_acceptance_and_is_lossless(tiny_model_dir, tm
     assert 1.0 <= metrics["tokens_per_target_call"] <= 4.0  # at most gamma accepted + the bonus token
     assert 0 < metrics["target_calls_per_token"] <= 1.0 and metrics["draft_calls_per_token"] > 0
     assert "fidelity" not in metrics
+
+
+def test_decoding_task_scores_equality_with_the_target(tiny_model_dir, tmp_path):
+    from tests.tiny import save_tiny_llama
+
+    draft = save_tiny_llama(tmp_path / "draft", num_layers=1, seed=4)
+    speculative = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, draft=str(draft))
+    workload = {"task": "code", "context_lengths": [], "samples_per_length": 2, "max_new_tokens": 6, "fidelity": False}
+    record = speculative.run_trial({"trial": 7, "technique": "specdec", "params": {"gamma": 2}, "workload": workload})
+    assert record["status"] == "ok", record["traceback"]
+    assert record["metrics"]["accuracy"] == record["metrics"]["output_match"] == 1.0
+    assert not any(key.startswith("accuracy/ctx") for key in record["metrics"])

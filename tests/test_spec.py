@@ -82,6 +82,7 @@ def test_valid_spec_space(tmp_path):
         ({"constraints": ["acc >= 0.5"]}, "constraints[0]", "unknown metric 'acc'"),
         ({"workload__task": "qa"}, "workload.task", "unknown task 'qa'; available: "),
         ({"workload__context_lengths": [8]}, "workload.context_lengths", ">= 64"),
+        ({"workload__context_lengths": []}, "workload", "needs at least one context length"),
         ({"workload__samples_per_length": 0}, "workload.samples_per_length", "greater than or equal to 1"),
         ({"workload__extra": 1}, "workload.extra", "unknown field"),
         ({"trials": "ten"}, "trials", "valid integer"),
@@ -124,3 +125,9 @@ def test_cli_rejects_invalid_file_before_starting_anything(tmp_path):
     assert "techniques.streaming_llm.window: low (64) must not exceed high (8)" in result.stderr
     assert not home.exists()  # no store was created, so no run was recorded
     assert "Ray" not in result.stderr
+
+
+def test_decoding_task_needs_no_context_lengths(tmp_path):
+    data = patched(workload={"task": "arithmetic", "samples_per_length": 3})
+    spec = load_spec(write(tmp_path, data))
+    assert spec.workload.task == "arithmetic" and spec.workload.context_lengths == []

@@ -130,3 +130,11 @@ def test_tiny_llama_loads_and_runs(tmp_path):
     assert model.dtype == torch.float32
     assert logits.shape == (1, len(sample.prompt_ids), len(tokenizer))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("task", ["instructions", "arithmetic", "code"])
+def test_decoding_tasks_are_seeded_prompt_sets_without_answers(tok, task):
+    samples = build_samples(task, tok, [], 4, None, seed=2)
+    assert len(samples) == 4 and all(s.answer == "" and s.task == task for s in samples)
+    assert [s.prompt for s in samples] == [s.prompt for s in build_samples(task, tok, [], 4, None, seed=2)]
+    assert all(s.prompt_ids == tok(s.prompt).input_ids for s in samples)  # no chat template here: raw text

@@ -166,7 +166,9 @@ class TrialRunner:
                     "depth": sample.depth,
                     "answer": sample.answer,
                     "output": text,
-                    "correct": score_exact_match(sample.answer, text),
+                    # Retrieval: the needle; decoding prompts: the target's own greedy output.
+                    "correct": score_exact_match(sample.answer, text) if sample.answer else float(
+                        run.tokens == reference.tokens[sample.sample_id]),
                     "ttft_ms": 1000 * run.prefill_s,
                     "latency_ms_per_token": median([1000 * s for s in run.step_s]),
                     "new_tokens": len(run.tokens),

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
+
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there.\n\n"
@@ -139,6 +141,18 @@ def _fit_repetitions(n_tokens: Callable[[int], int], budget: int, block_tokens: 
     return lo
 
 
+def build_decoding_samples(task: str, tokenizer: Any, count: int, seed: int) -> list[Sample]:
+    """Chat prompts from a shipped template set (instructions, arithmetic, code) with no fixed answer:
+    they are scored by equality with the target's own greedy output (`answer` is empty)."""
+    samples = []
+    for index, prompt in enumerate(make_prompts(task, count, seed)):
+        text = as_chat(tokenizer, prompt)
+        # A chat template already spells out its special tokens.
+        ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+        samples.append(Sample(f"{task}/s{index}", task, text, ids, "", len(ids), 0.0))
+    return samples
+
+
 def build_samples(
     task: str,
     tokenizer: Any,
@@ -148,7 +162,12 @@ def build_samples(
     seed: int,
     num_keys: int = 4,
 ) -> list[Sample]:
-    """Build prompts whose token count is within one filler block (+8) below each length."""
+    """Build prompts whose token count is within one filler block (+8) below each length.
+
+    Decoding tasks (the prompt sets) ignore lengths and depths: `samples_per_length` prompts.
+    """
+    if task in PROMPT_SETS:
+        return build_decoding_samples(task, tokenizer, samples_per_length, seed)
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; available tasks: {', '.join(sorted(TASKS))}")
     if samples_per_length < 1:

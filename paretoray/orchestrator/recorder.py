@@ -59,7 +59,7 @@ class Recorder:
             "dtype": spec_json["model"]["dtype"],
             "task": spec_json["workload"]["task"],
             "query_placement": spec_json["workload"].get("query_placement", "query_aware"),
-            "context_lengths": ",".join(map(str, spec_json["workload"]["context_lengths"])),
+            "context_lengths": ",".join(map(str, spec_json["workload"]["context_lengths"])) or "none",
             "samples_per_length": spec_json["workload"]["samples_per_length"],
             "sampler": spec_json["sampler"]["name"],
             "trials": spec_json["trials"],

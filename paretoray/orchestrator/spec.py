@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from paretoray.actors.metrics import METRICS
 from paretoray.actors.techniques import Param, available_techniques
+from paretoray.actors.prompts import PROMPT_SETS
 from paretoray.actors.workloads import TASKS
 
 
@@ -43,7 +44,7 @@ class ModelSpec(_Strict):
 
 class WorkloadSpec(_Strict):
     task: str = "passkey"
-    context_lengths: list[int] = Field(min_length=1)
+    context_lengths: list[int] = Field(default=[], description="prompt tokens; retrieval tasks need at least one")
     samples_per_length: int = Field(2, ge=1)
     depths: list[float] | None = None
     seed: int = 0
@@ -59,9 +60,15 @@ class WorkloadSpec(_Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
+        if task not in TASKS and task not in PROMPT_SETS:
+            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted([*TASKS, *PROMPT_SETS]))}")
         return task
+
+    @model_validator(mode="after")
+    def _retrieval_needs_lengths(self) -> WorkloadSpec:
+        if self.task in TASKS and not self.context_lengths:
+            raise ValueError(f"context_lengths: task {self.task!r} needs at least one context length")
+        return self
 
     @field_validator("context_lengths")
     @classmethod
