@@ -116,3 +116,27 @@ def test_sampling_runs_and_is_seeded(tiny_model, draft):
     first = technique.generate(target, ids, 15, draft=draft, seed=7)
     again = technique.generate(target, ids, 15, draft=draft, seed=7)
     assert first.tokens == again.tokens and len(first.tokens) == 15
+
+
+@pytest.mark.slow
+def test_lossless_on_smollm2_with_a_short_prompt():
+    """The real default model: greedy specdec and specdec_pp reproduce its own greedy output.
+
+    The draft is SmolLM2's first two layers, untrained (losslessness must not depend on the draft)."""
+    from paretoray.actors.distill import truncated_copy
+    from paretoray.actors.models import load_model
+    from paretoray.actors.prompts import as_chat
+    from paretoray.actors.techniques.specdec_pp import _HEADS
+
+    target, tokenizer = load_model("smollm2-135m", dtype="float32", device="cpu")
+    draft = truncated_copy(target, 2).eval()
+    torch.manual_seed(0)
+    head = AcceptanceHead(target.config.hidden_size)
+    _HEADS[str(draft.name_or_path)] = head.eval()  # an untrained head: any stopping rule must stay lossless
+    ids = tokenizer(as_chat(tokenizer, "What is the capital of France?"), return_tensors="pt").input_ids
+    # Plain greedy generation up to its end-of-sequence token (no min_new_tokens: that would mask EOS).
+    expected = target.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = {tokenizer.eos_token_id}
+    for technique in (build_technique("specdec", {"gamma": 3}), build_technique("specdec_pp", {"threshold": 0.5, "max_gamma": 6})):
+        assert technique.generate(target, ids, 24, eos, draft=draft).tokens == expected
+    assert "Paris" in tokenizer.decode(expected)
