@@ -6,7 +6,7 @@ the verification rule; gpt-fast's `speculative_decode` is the shape this follows
 
 One round:
   1. the draft catches up on committed tokens it has not seen, then proposes d_1..d_k one at a
-     time; `should_stop(k, draft_hidden)` decides when to stop proposing (fixed gamma, or
+     time; the technique's `DraftPolicy` decides when to stop proposing (fixed gamma, or
      SpecDec++'s acceptance head);
   2. the target runs [last committed token, d_1..d_k] in one forward: k + 1 distributions;
   3. greedy: accept while the target's argmax equals d_i; sampling: accept d_i with probability
@@ -19,7 +19,7 @@ Each round commits accepted + 1 tokens for one target call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -29,7 +29,7 @@ from paretoray.actors.techniques.base import Param, Technique
 
 
 def verify(
-    target_probs: torch.Tensor,  # [k + 1, V]: p(. | prefix, d_1..d_{i-1}) for i = 1..k+1
+    target_probs: torch.Tensor,  # [k + 1, V]: p(. | prefix, d_1..d_{i-1}) for i = 1..k+1 (greedy: logits do)
     draft_probs: torch.Tensor | None,  # [k, V]: q_i, or None for greedy
     draft_tokens: list[int],  # d_1..d_k
     generator: torch.Generator | None = None,
@@ -82,8 +82,6 @@ class SpeculativeStats:
     target_calls: int = 0  # verification forwards (the prefill not counted)
     draft_calls: int = 0  # draft forwards (the prefill not counted)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"drafted": self.drafted, "accepted": self.accepted, "target_calls": self.target_calls, "draft_calls": self.draft_calls}
 
 
 @dataclass(frozen=True)
@@ -165,10 +163,13 @@ def speculative_generate(
         while True:
             logits, hidden = _forward(draft, pending, draft_cache, device, hidden=True)
             stats.draft_calls += 1
-            q = distribution(logits[-1:], temperature)[0]
-            token = int(q.argmax()) if generator is None else int(torch.multinomial(q, 1, generator=generator))
+            if generator is None:  # greedy: the argmax is all verification needs
+                token = int(logits[-1].argmax())
+            else:
+                q = distribution(logits[-1:], temperature)[0]
+                token = int(torch.multinomial(q, 1, generator=generator))
+                draft_dists.append(q)
             draft_tokens.append(token)
-            draft_dists.append(q)
             pending = [token]
             room = max_new_tokens - len(committed)
             if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden[-1]):
@@ -177,14 +178,17 @@ def speculative_generate(
         # 2. target: one forward over the last committed token and every proposal.
         logits, _ = _forward(target, [sequence[-1], *draft_tokens], target_cache, device)
         stats.target_calls += 1
-        p = distribution(logits, temperature)
-        # 3. verify.
-        accepted, following = verify(p, torch.stack(draft_dists) if generator is not None else None, draft_tokens, generator)
+        # 3. verify (greedy compares argmaxes, so the raw logits serve).
+        if generator is None:
+            accepted, following = verify(logits, None, draft_tokens)
+        else:
+            accepted, following = verify(distribution(logits, temperature), torch.stack(draft_dists), draft_tokens, generator)
         stats.drafted += len(draft_tokens)
         stats.accepted += accepted
         new = draft_tokens[:accepted] + [following]
         # 4. roll both caches back to the accepted prefix.
-        target_cache.crop(-(len(draft_tokens) - accepted)) if accepted < len(draft_tokens) else None
+        if accepted < len(draft_tokens):
+            target_cache.crop(-(len(draft_tokens) - accepted))
         kept_in_draft = len(sequence) + accepted
         if draft_seen > kept_in_draft:
             draft_cache.crop(-(draft_seen - kept_in_draft))
@@ -202,5 +206,5 @@ def speculative_generate(
         prefill_s=prefill_s,
         step_s=step_s[: max(len(committed) - 1, 0)],
         kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
-        stats=stats.as_dict(),
+        stats=asdict(stats),
     )
