@@ -147,6 +147,7 @@ class TrialRunner:
             )
             peaks.append(self.memory.read_mb())
             text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
+            matches_dense = run.tokens == reference.tokens[sample.sample_id]
             for key, value in run.stats.items():
                 counters[key] = counters.get(key, 0) + value
             fidelity = None
@@ -167,12 +168,11 @@ class TrialRunner:
                     "answer": sample.answer,
                     "output": text,
                     # Retrieval: the needle; decoding prompts: the target's own greedy output.
-                    "correct": score_exact_match(sample.answer, text) if sample.answer else float(
-                        run.tokens == reference.tokens[sample.sample_id]),
+                    "correct": score_exact_match(sample.answer, text) if sample.answer else float(matches_dense),
                     "ttft_ms": 1000 * run.prefill_s,
                     "latency_ms_per_token": median([1000 * s for s in run.step_s]),
                     "new_tokens": len(run.tokens),
-                    "matches_dense": run.tokens == reference.tokens[sample.sample_id],
+                    "matches_dense": matches_dense,
                     "kv_cache_bytes": run.kv_bytes,
                     "peak_memory_mb": peaks[-1],
                     "fidelity": fidelity,

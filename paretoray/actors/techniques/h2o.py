@@ -47,10 +47,12 @@ class H2O(PromptCompression):
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         return budget_tokens(self.max_capacity_prompt, prompt_len)
 
-    def recent(self, budget: int) -> int:
-        return min(budget, max(1, round(budget * self.recent_fraction)))
+    def recent_positions(self, length: int, budget: int, device: torch.device) -> torch.Tensor:
+        """[length] bool: the newest entries the budget reserves for recent tokens."""
+        recent = min(budget, max(1, round(budget * self.recent_fraction)))
+        return torch.arange(length, device=device) >= length - recent
 
-    def prefill_scores(self, module, hidden_states, position_embeddings, keys):
+    def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget):
         length = keys.shape[-2]
         scores = torch.zeros(*keys.shape[:2], length, dtype=torch.float32, device=keys.device)
         for start in range(0, length, QUERY_CHUNK):
@@ -58,9 +60,7 @@ class H2O(PromptCompression):
             query = project_queries(module, hidden_states, position_embeddings, start, end)
             weights = attention_weights(query, keys[..., :end, :], module.scaling)  # [B, Hkv, g, c, end]
             scores[..., :end] += weights.sum(dim=-2).mean(dim=2)  # summed over queries, averaged over the group
-        budget = self.layer_budget(module.layer_idx, 0, length)
-        protected = torch.arange(length, device=keys.device) >= length - self.recent(budget)
-        return scores, protected
+        return scores, self.recent_positions(length, budget, keys.device)
 
     def after_append(self, module, hidden_states, position_embeddings, layer: CompressedLayer) -> None:
         new = hidden_states.shape[1]  # 1 while decoding; the question's length in a context-only placement
@@ -70,5 +70,4 @@ class H2O(PromptCompression):
         layer.scores = torch.cat([layer.scores, fresh], dim=-1) + weights
         stored = layer.keys.shape[-2]
         if stored > layer.budget:
-            protected = torch.arange(stored, device=layer.keys.device) >= stored - self.recent(layer.budget)
-            layer.keep(select(layer.scores, layer.budget, protected))
+            layer.keep(select(layer.scores, layer.budget, self.recent_positions(stored, layer.budget, layer.keys.device)))

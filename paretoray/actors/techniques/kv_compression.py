@@ -166,8 +166,9 @@ class PromptCompression(Technique):
         """Entries this layer keeps after compressing a prompt of `prompt_len` tokens."""
         raise NotImplementedError
 
-    def prefill_scores(self, module, hidden_states, position_embeddings, keys) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores [B, Hkv, L] (higher is kept) and the positions [L] always kept (or None)."""
+    def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [B, Hkv, L] (higher is kept) and the positions [L] always kept (or None), for a
+        layer that will keep `budget` entries."""
         raise NotImplementedError
 
     def after_append(self, module, hidden_states, position_embeddings, layer: CompressedLayer) -> None:
@@ -191,7 +192,7 @@ class PromptCompression(Technique):
                 layer.compressed = True
                 layer.budget = self.layer_budget(module.layer_idx, num_layers, layer.keys.shape[-2])
                 if layer.budget < layer.keys.shape[-2] or self.carries_scores:
-                    scores, protected = self.prefill_scores(module, hidden_states, position_embeddings, layer.keys)
+                    scores, protected = self.prefill_scores(module, hidden_states, position_embeddings, layer.keys, layer.budget)
                     layer.scores = scores if self.carries_scores else None
                     if layer.budget < layer.keys.shape[-2]:
                         layer.keep(select(scores, layer.budget, protected))

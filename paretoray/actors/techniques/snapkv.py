@@ -54,7 +54,7 @@ class SnapKV(PromptCompression):
         # The window is always kept, so no budget goes below it.
         return max(budget_tokens(self.max_capacity_prompt, prompt_len), min(self.window_size, prompt_len))
 
-    def prefill_scores(self, module, hidden_states, position_embeddings, keys):
+    def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget):
         length = keys.shape[-2]
         window = min(self.window_size, length)
         query = project_queries(module, hidden_states, position_embeddings, length - window, length)
