@@ -7,7 +7,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from paretoray.actors.distill import distill, train_draft, truncated_copy
+from paretoray.actors.distill import distill, frequent_vocabulary, train_draft, truncated_copy
+from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead
 from paretoray.actors.prompts import PROMPT_SETS, make_prompts
 
 
@@ -47,3 +48,41 @@ def test_train_draft_saves_a_loadable_draft_with_its_report(tiny_model, tmp_path
     assert 0.0 <= report.acceptance_rate <= 1.0 and 0.0 <= report.greedy_agreement <= 1.0
     draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft")
     assert draft.config.num_hidden_layers == 1
+
+
+def test_frequent_vocabulary_keeps_specials_then_corpus_counts_then_low_ids():
+    sequences = [[7, 7, 7, 9, 9, 3], [9, 5]]
+    kept = frequent_vocabulary(sequences, vocab_size=20, size=6, always=[2, 19])
+    # 2 and 19 always; 9 (3x), 7 (3x), then 3 and 5 (1x each) fill the rest.
+    assert kept.tolist() == [2, 3, 5, 7, 9, 19]
+    assert frequent_vocabulary([[1]], vocab_size=20, size=4, always=[]).tolist() == [0, 1, 2, 3]  # unseen: lowest ids
+
+
+def test_train_draft_with_a_sub_vocabulary_head(tiny_model, tmp_path):
+    target, tokenizer = tiny_model
+    report = train_draft(target, tokenizer, tmp_path / "draft", layers=1, steps=3, prompts_per_set=4, new_tokens=8,
+                         batch_size=4, head_vocab=100)
+    assert report.head_vocab == 100 and 0.0 <= report.head_vocab_coverage <= 1.0
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft")
+    head = DraftHead.of(draft)
+    assert (tmp_path / "draft" / DRAFT_VOCAB).exists() and head.weight.shape[0] == 100
+    assert set(tokenizer.all_special_ids) <= set(head.token_ids.tolist())
+    # The saved weights are a complete model: its full output layer is still the target's.
+    torch.testing.assert_close(draft.get_output_embeddings().weight, target.get_output_embeddings().weight)
+
+
+def test_registry_draft_is_built_once_on_first_use(tiny_model_dir, tmp_path, monkeypatch):
+    from paretoray.actors import models
+
+    monkeypatch.setenv("PARETORAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.DRAFTS, "tiny-draft", models.DistilledDraft(
+        target=str(tiny_model_dir), layers=1, steps=2, head_vocab=64, head_steps=5, description="test",
+        prompts_per_set=2, head_prompts_per_set=1))
+    folder = models.resolve("tiny-draft")
+    built = sorted(p.name for p in (tmp_path / "cache" / "models" / "tiny-draft").iterdir())
+    assert {"acceptance_head.safetensors", DRAFT_VOCAB, "draft_report.json", "model.safetensors"} <= set(built)
+    stamp = (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns
+    assert models.resolve("tiny-draft") == folder  # the second use loads the cache, no retraining
+    assert (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns == stamp
+    model, _ = models.load_model("tiny-draft", device="cpu")
+    assert model.config.num_hidden_layers == 1

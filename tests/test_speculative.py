@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.specdec_pp import AcceptanceHead, ThresholdPolicy
-from paretoray.actors.techniques.speculative import speculative_generate, verify
+from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead, speculative_generate, verify
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,52 @@ def test_greedy_draft_equal_to_target_accepts_everything(tiny_model):
     assert run.stats["target_calls"] == 4
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_sampling_verifier_reproduces_the_target_distribution(k):
+@pytest.fixture(scope="module")
+def restricted_draft(tmp_path_factory):
+    """A 1-layer random draft whose head predicts over 150 of the 400 tokens only."""
+    from safetensors.torch import save_file
+
+    from tests.tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("draft") / "restricted", num_layers=1, seed=3)
+    kept = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:150].sort().values
+    save_file({"token_ids": kept}, str(folder / DRAFT_VOCAB))
+    torch.manual_seed(1)
+    AcceptanceHead(hidden_size=64, num_layers=3).save(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), set(kept.tolist())
+
+
+@pytest.mark.parametrize("name,params", [("specdec", {"gamma": 3}), ("specdec_pp", {"threshold": 0.5, "max_gamma": 8})])
+def test_a_draft_restricted_to_a_sub_vocabulary_stays_lossless(tiny_model, restricted_draft, name, params):
+    from paretoray.actors.acceptance import draft_continuation
+
+    target, _ = tiny_model
+    draft, kept = restricted_draft
+    assert len(DraftHead.of(draft).weight) == 150
+    proposed, _, _ = draft_continuation(draft, prompt(target, 20, 1), 30, set())
+    assert set(proposed) <= kept  # the draft can only propose its head's tokens
+    for seed in range(2):
+        ids = prompt(target, 40, seed)
+        expected = target.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 40:].tolist()
+        assert build_technique(name, params).generate(target, ids, 20, draft=draft).tokens == expected
+
+
+def test_draft_head_spreads_sub_vocabulary_probabilities_back_over_the_vocabulary():
+    head = DraftHead(torch.randn(3, 8), torch.tensor([1, 4, 6]), vocab_size=10)
+    full = head.full(torch.tensor([0.2, 0.3, 0.5]))
+    assert full.tolist() == pytest.approx([0, 0.2, 0, 0, 0.3, 0, 0.5, 0, 0, 0])
+    assert head.token(1) == 4 and head.logits(torch.randn(8)).shape == (3,)
+
+
+@pytest.mark.parametrize("k,restricted", [(1, False), (3, False), (2, True)])
+def test_sampling_verifier_reproduces_the_target_distribution(k, restricted):
     vocab, samples = 6, 40_000
     generator = torch.Generator().manual_seed(0)
     p = torch.rand(k + 1, vocab, generator=generator).pow(3).softmax(-1)  # target rows
     q = torch.rand(k, vocab, generator=generator).pow(3).softmax(-1)  # draft rows, quite different
+    if restricted:  # a sub-vocabulary draft: tokens it cannot propose must still come out at rate p
+        q[:, :2] = 0
+        q = q / q.sum(-1, keepdim=True)
     counts = torch.zeros(vocab)
     for _ in range(samples):
         tokens = [int(torch.multinomial(q[i], 1, generator=generator)) for i in range(k)]

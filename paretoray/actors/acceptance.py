@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
 from paretoray.actors.techniques.specdec_pp import AcceptanceHead
+from paretoray.actors.techniques.speculative import DraftHead, draft_hidden
 
 REJECT_WEIGHT = 6.0  # the reference's weight_mismatch
 
@@ -37,31 +38,49 @@ class HeadReport:
 
 
 @torch.inference_mode()
+def draft_continuation(draft: PreTrainedModel, ids: torch.Tensor, new_tokens: int, eos_token_ids: set[int],
+                       temperature: float = 0.0) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The draft continues `ids` [1, T] exactly as it drafts in the speculative loop (its own head,
+    greedy or tempered sampling): (tokens, the hidden state that proposed each [n, H], q of each [n])."""
+    head = DraftHead.of(draft)
+    cache = DynamicCache(config=draft.config)
+    hidden = draft_hidden(draft, ids, cache)[0, -1]
+    tokens, hiddens, q_of_token = [], [], []
+    for _ in range(new_tokens):
+        logits = head.logits(hidden).float()
+        if temperature > 0:
+            probs = (logits / temperature).softmax(-1)
+            row = int(torch.multinomial(probs, 1))
+        else:
+            probs, row = None, int(logits.argmax())
+        tokens.append(head.token(row))
+        hiddens.append(hidden)
+        q_of_token.append(float(probs[row]) if probs is not None else 1.0)
+        if tokens[-1] in eos_token_ids:
+            break
+        hidden = draft_hidden(draft, torch.tensor([[tokens[-1]]], device=ids.device), cache)[0, -1]
+    return tokens, torch.stack(hiddens), torch.tensor(q_of_token)
+
+
+@torch.inference_mode()
 def collect_pairs(target: PreTrainedModel, draft: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                   new_tokens: int, temperature: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(draft hidden state [N, H], acceptance label [N]) at every token the draft proposes."""
     torch.manual_seed(seed)
     hiddens, labels = [], []
+    eos = set(tokenizer.all_special_ids)
     for prompt in tqdm(prompts, desc="draft proposes, target judges", unit="prompt"):
         ids = tokenizer(as_chat(tokenizer, prompt), return_tensors="pt").input_ids.to(draft.device)
-        sampled = temperature > 0
-        # Proposals as the loop makes them: greedy, or the plain tempered draft distribution.
-        how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if sampled else {"do_sample": False}
-        sequence = draft.generate(ids, max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id, **how)
+        tokens, hidden, q = draft_continuation(draft, ids, new_tokens, eos, temperature)
         start = ids.shape[1]
-        if sequence.shape[1] <= start:
-            continue
-        draft_out = draft(sequence, output_hidden_states=True)
-        target_logits = target(sequence).logits
-        drafted = sequence[0, start:]
-        # Position t - 1 proposed token t: its hidden state and both models' view of that token.
-        hidden = draft_out.hidden_states[-1][0, start - 1 : -1]
-        if sampled:
-            p = (target_logits[0, start - 1 : -1].float() / temperature).softmax(-1).gather(-1, drafted[:, None])[:, 0]
-            q = (draft_out.logits[0, start - 1 : -1].float() / temperature).softmax(-1).gather(-1, drafted[:, None])[:, 0]
+        drafted = torch.tensor(tokens, device=ids.device)
+        # Position t - 1 predicts token t: the target's view of each drafted token.
+        target_logits = target(torch.cat([ids[0], drafted])[None]).logits[0, start - 1 : -1].float()
+        if temperature > 0:
+            p = (target_logits / temperature).softmax(-1).gather(-1, drafted[:, None])[:, 0].cpu()
             label = (p / q.clamp_min(1e-12)).clamp(max=1.0)
         else:
-            label = (target_logits[0, start - 1 : -1].argmax(-1) == drafted).float()
+            label = (target_logits.argmax(-1) == drafted).float()
         hiddens.append(hidden.float().cpu())
         labels.append(label.cpu())
     return torch.cat(hiddens), torch.cat(labels)

@@ -5,6 +5,13 @@ its output head, so it starts as a truncated target and shares the tokenizer. It
 distilled on the target's own sampled continuations of prompts the project makes offline
 (`prompts.py`), minimising KL(target || draft) over every position of each sequence, restricted
 to the target's top-64 tokens, which are scored once for the whole corpus.
+
+The draft's output layer may be restricted to the `head_vocab` most frequent tokens (FR-Spec,
+Zhao et al. 2025): for a 4-layer draft of a 49K-vocabulary model the full output layer costs more
+than its layers. Frequency is counted on the corpus; the rest of the head is filled in the
+tokenizer's merge order (BPE merges the most frequent pairs first), and special tokens are always
+kept so the draft can propose the end of a sequence. The ids are saved beside the draft
+(`DRAFT_VOCAB`); the draft's own weights stay a complete, ordinary model.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
+from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead, draft_hidden
 
 
 @dataclass
@@ -29,6 +37,8 @@ class DraftReport:
     target_layers: int
     steps: int
     corpus_sequences: int
+    head_vocab: int  # tokens the draft's output layer predicts over
+    head_vocab_coverage: float  # held-out: fraction of the target's next tokens that are among them
     final_kl: float
     greedy_agreement: float  # held-out: fraction of positions where draft and target argmax agree
     acceptance_rate: float  # greedy specdec (gamma 4) on fresh prompts: accepted / drafted
@@ -88,13 +98,25 @@ def teacher_targets(target: PreTrainedModel, sequences: list[list[int]], top_k: 
     return cached
 
 
+def frequent_vocabulary(sequences: list[list[int]], vocab_size: int, size: int, always: list[int]) -> torch.Tensor:
+    """The `size` token ids a restricted draft head keeps: `always`, then by corpus count, then by id."""
+    counts = torch.bincount(torch.tensor([t for seq in sequences for t in seq]), minlength=vocab_size)[:vocab_size].float()
+    # Ties (every unseen token) break towards low ids: BPE assigns them to its earliest, most frequent merges.
+    score = counts - torch.arange(vocab_size) / vocab_size
+    score[torch.tensor(always, dtype=torch.long)] = float("inf")
+    return score.topk(min(size, vocab_size)).indices.sort().values
+
+
 def sparse_kl(draft_logits: torch.Tensor, teacher_log_p: torch.Tensor, teacher_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(target || draft) over the target's top-k tokens, mean over real positions.
 
-    draft_logits [B, T, V]; teacher_log_p, teacher_index [B, T, k]; mask [B, T].
+    draft_logits [B, T, K] over the draft head's rows; teacher_log_p [B, T, k]; teacher_index
+    [B, T, k] are rows of the draft head, -1 where the target's token is not among them (its mass
+    cannot be matched and is left out); mask [B, T].
     """
-    draft_log_p = draft_logits.float().log_softmax(-1).gather(-1, teacher_index)
-    per_position = (teacher_log_p.exp() * (teacher_log_p - draft_log_p)).sum(-1)
+    inside = teacher_index >= 0
+    draft_log_p = draft_logits.float().log_softmax(-1).gather(-1, teacher_index.clamp_min(0))
+    per_position = (inside * teacher_log_p.exp() * (teacher_log_p - draft_log_p)).sum(-1)
     return (per_position * mask).sum() / mask.sum()
 
 
@@ -118,13 +140,20 @@ def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, gen
 
 
 def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]], steps: int, pad: int,
-            batch_size: int = 8, lr: float = 3e-4, seed: int = 0) -> float:
+            batch_size: int = 8, lr: float = 3e-4, seed: int = 0, head_vocab: torch.Tensor | None = None) -> float:
     """Train the draft's layers to match the target's next-token distributions; returns the last KL (EMA).
 
     The embedding and output head stay frozen (they are the target's, shared or tied), so only
-    what the truncation changed is trained.
+    what the truncation changed is trained. With `head_vocab` [K], the draft is trained as it
+    will draft: predicting over those tokens only.
     """
     teacher = teacher_targets(target, sequences)
+    weight = draft.get_output_embeddings().weight
+    vocab_size = weight.shape[0]
+    head = DraftHead(weight.detach() if head_vocab is None else weight.detach()[head_vocab], head_vocab, vocab_size)
+    row_of = torch.arange(vocab_size)  # full-vocabulary id -> head row (-1: not in the head)
+    if head_vocab is not None:
+        row_of = torch.full((vocab_size,), -1, dtype=torch.long).index_copy_(0, head_vocab.cpu(), torch.arange(len(head_vocab)))
     generator = torch.Generator().manual_seed(seed)
     draft.get_input_embeddings().weight.requires_grad_(False)
     draft.get_output_embeddings().weight.requires_grad_(False)
@@ -137,8 +166,8 @@ def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[lis
     with tqdm(range(steps), desc="distilling the draft", unit="step") as bar:
         for _ in bar:
             ids, mask, log_p, index = next(batches)
-            logits = draft(input_ids=ids.to(draft.device), attention_mask=mask.long().to(draft.device)).logits
-            loss = sparse_kl(logits, log_p.to(draft.device), index.to(draft.device), mask.to(draft.device))
+            logits = head.logits(draft_hidden(draft, ids.to(draft.device), attention_mask=mask.long().to(draft.device)))
+            loss = sparse_kl(logits, log_p.to(draft.device), row_of[index].to(draft.device), mask.to(draft.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -151,14 +180,25 @@ def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[lis
 
 
 @torch.inference_mode()
-def greedy_agreement(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]]) -> float:
-    """Fraction of positions where draft and target pick the same next token (held-out text)."""
-    agree = total = 0
+def greedy_agreement(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]],
+                     head_vocab: torch.Tensor | None = None) -> tuple[float, float]:
+    """Held-out text: the fraction of positions where draft and target pick the same next token,
+    and the fraction where the target's pick is a token the draft's head can propose at all."""
+    weight = draft.get_output_embeddings().weight
+    head = DraftHead(weight if head_vocab is None else weight[head_vocab], head_vocab, weight.shape[0])
+    in_head = torch.ones(weight.shape[0], dtype=torch.bool)
+    if head_vocab is not None:
+        in_head = torch.zeros_like(in_head).index_fill_(0, head_vocab.cpu(), True)
+    agree = covered = total = 0
     for seq in sequences:
-        ids = torch.tensor([seq])
-        agree += int((target(ids).logits.argmax(-1) == draft(ids).logits.argmax(-1)).sum())
+        ids = torch.tensor([seq], device=draft.device)
+        expected = target(ids).logits.argmax(-1)[0].cpu()
+        rows = head.logits(draft_hidden(draft, ids)).argmax(-1)[0].cpu()
+        proposed = rows if head_vocab is None else head_vocab.cpu()[rows]
+        agree += int((proposed == expected).sum())
+        covered += int(in_head[expected].sum())
         total += len(seq)
-    return agree / max(total, 1)
+    return agree / max(total, 1), covered / max(total, 1)
 
 
 @torch.inference_mode()
@@ -178,21 +218,35 @@ def measured_acceptance(target: PreTrainedModel, draft: PreTrainedModel, tokeniz
 
 def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, layers: int = 4,
                 steps: int = 300, prompts_per_set: int = 48, new_tokens: int = 96, batch_size: int = 8,
-                seed: int = 0) -> DraftReport:
+                head_vocab: int = 8192, seed: int = 0) -> DraftReport:
+    """Build, distil and save a draft in `out`; `head_vocab` 0 keeps the full output layer."""
     started = time.perf_counter()
     prompts = [p for kind in PROMPT_SETS for p in make_prompts(kind, prompts_per_set, seed)]
     sequences = sample_corpus(target, tokenizer, prompts, new_tokens, batch_size, seed)
     held_out, train = sequences[: len(sequences) // 10], sequences[len(sequences) // 10 :]
-    draft = truncated_copy(target, layers)
-    kl = distill(target, draft, train, steps, tokenizer.pad_token_id, batch_size, seed=seed)
-    report = DraftReport(
-        layers=layers, target_layers=target.config.num_hidden_layers, steps=steps, corpus_sequences=len(sequences),
-        final_kl=kl, greedy_agreement=greedy_agreement(target, draft, held_out),
-        acceptance_rate=measured_acceptance(target, draft, tokenizer, [p for k in PROMPT_SETS for p in make_prompts(k, 2, seed + 1)], new_tokens // 2),
-        train_s=time.perf_counter() - started,
-    )
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    vocab = None
+    if 0 < head_vocab < vocab_size:
+        vocab = frequent_vocabulary(train, vocab_size, head_vocab, tokenizer.all_special_ids).to(target.device)
+    draft = truncated_copy(target, layers).to(target.device)
+    kl = distill(target, draft, train, steps, tokenizer.pad_token_id, batch_size, seed=seed, head_vocab=vocab)
+    agreement, coverage = greedy_agreement(target, draft, held_out, vocab)
     out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if vocab is not None:
+        from safetensors.torch import save_file
+
+        save_file({"token_ids": vocab.cpu().contiguous()}, str(out / DRAFT_VOCAB))
+    # Measured as actors will load it: from its folder, so its head vocabulary applies.
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(target.device).eval()
+    report = DraftReport(
+        layers=layers, target_layers=target.config.num_hidden_layers, steps=steps, corpus_sequences=len(sequences),
+        head_vocab=len(vocab) if vocab is not None else vocab_size, head_vocab_coverage=coverage, final_kl=kl,
+        greedy_agreement=agreement,
+        acceptance_rate=measured_acceptance(target, saved, tokenizer, [p for k in PROMPT_SETS for p in make_prompts(k, 2, seed + 1)], new_tokens // 2),
+        train_s=time.perf_counter() - started,
+    )
     (out / "draft_report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+

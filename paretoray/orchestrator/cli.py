@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--steps", type=int, default=300, help="distillation steps (default 300)")
     draft.add_argument("--prompts-per-set", type=int, default=48, help="prompts per template set (instructions, arithmetic, code)")
     draft.add_argument("--new-tokens", type=int, default=96, help="tokens the target samples per prompt")
+    draft.add_argument("--head-vocab", type=int, default=8192,
+                       help="tokens the draft's output layer predicts over, the most frequent first (FR-Spec); 0: all (default 8192)")
     draft.add_argument("--out", type=Path, help="where to save (default: $PARETORAY_CACHE/drafts/MODEL-L{layers})")
     draft.add_argument("--seed", type=int, default=0)
 
@@ -224,7 +226,7 @@ def _train_draft(args: argparse.Namespace) -> int:
     except ModelLoadError as error:
         return _fail(str(error), 1)
     report = train_draft(target, tokenizer, out, layers=args.layers, steps=args.steps, prompts_per_set=args.prompts_per_set,
-                         new_tokens=args.new_tokens, seed=args.seed)
+                         new_tokens=args.new_tokens, head_vocab=args.head_vocab, seed=args.seed)
     print(json.dumps(dataclasses.asdict(report), indent=1))
     print(f"draft saved in {out}; use it with  model: {{id: {args.model}, draft: {out}}}")
     return 0

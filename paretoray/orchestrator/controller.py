@@ -132,6 +132,21 @@ def connect_ray(address: str | None, spec: SweepSpec) -> None:
     ray.init(num_cpus=max(cpus, math.ceil(needed)), **quiet)
 
 
+def prepare_models(spec: SweepSpec) -> None:
+    """Build registry models once here, with progress shown, before actors on this machine race for them.
+
+    Only for a local cluster: on a remote one each node builds its own cache on first use.
+    """
+    from paretoray.actors.models import ModelLoadError, resolve
+
+    for ref in (spec.model.id, spec.model.draft):
+        if ref:
+            try:
+                resolve(ref)
+            except ModelLoadError as error:
+                raise SweepError(str(error)) from None
+
+
 def start_actors(spec: SweepSpec, count: int, timeout_s: float = 900) -> list[Any]:
     """Create actors and wait until each has loaded the model, with a clear error if one cannot."""
     actors = [
@@ -198,6 +213,8 @@ class Controller:
         if points is not None and target > points:
             print(f"note: the grid has {points} points; running {points} trials instead of {target}", file=sys.stderr)
             target = points
+        if ray_address is None:
+            prepare_models(self.spec)
         connect_ray(ray_address, self.spec)
         actors = start_actors(self.spec, self.spec.actors.count)
 

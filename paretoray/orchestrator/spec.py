@@ -39,7 +39,7 @@ class ModelSpec(_Strict):
     id: str = Field(description="registry name (smollm2-135m), local directory, or Hugging Face id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
-    draft: str | None = Field(None, description="draft model for speculative techniques (same tokenizer): path or hub id")
+    draft: str | None = Field(None, description="draft model for speculative techniques (same tokenizer): registry name (smollm2-135m-draft, built on first use), path or hub id")
 
 
 class WorkloadSpec(_Strict):
@@ -118,11 +118,11 @@ class SweepSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, model: ModelSpec) -> ModelSpec:
-        from paretoray.actors.models import REGISTRY, looks_like_path
+        from paretoray.actors.models import looks_like_path, registry_names
 
         for ref in (model.id, model.draft):
-            if ref and ref not in REGISTRY and looks_like_path(ref) and not Path(ref).expanduser().is_dir():
-                raise ValueError(f"no such model directory {ref!r}; registry names: {', '.join(REGISTRY)}")
+            if ref and ref not in registry_names() and looks_like_path(ref) and not Path(ref).expanduser().is_dir():
+                raise ValueError(f"no such model directory {ref!r}; registry names: {', '.join(registry_names())}")
         return model
 
     @field_validator("techniques", mode="before")

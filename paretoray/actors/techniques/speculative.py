@@ -14,12 +14,20 @@ One round:
      when all k are accepted, the (k+1)-th distribution gives a bonus token for free;
   4. both caches are cropped back to the accepted prefix (no re-prefill).
 Each round commits accepted + 1 tokens for one target call.
+
+A draft may predict over a frequent sub-vocabulary only (`DraftHead`, after FR-Spec: Zhao et al.,
+"FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked Speculative
+Sampling", 2025): for a small draft the output layer over a large vocabulary is most of its cost.
+Verification is unchanged and stays lossless: a token the draft cannot propose has q = 0, so the
+target's residual max(0, p - q) keeps all of its mass.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -75,6 +83,55 @@ class DraftPolicy:
         raise NotImplementedError
 
 
+DRAFT_VOCAB = "draft_vocab.safetensors"  # beside a draft's weights: the token ids its head predicts over
+
+
+@dataclass(frozen=True)
+class DraftHead:
+    """A draft's output layer, restricted to `token_ids` when its directory carries DRAFT_VOCAB."""
+
+    weight: torch.Tensor  # [K, H]: rows of the draft's own output embedding
+    token_ids: torch.Tensor | None  # [K] full-vocabulary id of each row; None: the whole vocabulary
+    vocab_size: int  # V
+
+    @classmethod
+    def of(cls, draft: PreTrainedModel) -> DraftHead:
+        if draft not in _DRAFT_HEADS:
+            weight = draft.get_output_embeddings().weight
+            path = Path(str(draft.name_or_path)) / DRAFT_VOCAB
+            token_ids = None
+            if path.exists():
+                from safetensors.torch import load_file
+
+                token_ids = load_file(str(path))["token_ids"].to(weight.device)
+                weight = weight[token_ids].detach().contiguous()
+            _DRAFT_HEADS[draft] = cls(weight, token_ids, draft.get_output_embeddings().weight.shape[0])
+        return _DRAFT_HEADS[draft]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., K]"""
+        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight)
+
+    def token(self, row: int) -> int:
+        return row if self.token_ids is None else int(self.token_ids[row])
+
+    def full(self, probs: torch.Tensor) -> torch.Tensor:
+        """[K] probabilities over the head's rows -> [V] over the vocabulary (zero off the rows)."""
+        if self.token_ids is None:
+            return probs
+        return torch.zeros(self.vocab_size, dtype=probs.dtype, device=probs.device).index_copy_(0, self.token_ids, probs)
+
+
+_DRAFT_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per loaded draft
+
+
+def draft_hidden(draft: PreTrainedModel, tokens: torch.Tensor, cache: DynamicCache | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The draft's final (normed) hidden states [B, T, H]: its base model only, no output layer."""
+    return draft.base_model(input_ids=tokens, past_key_values=cache, use_cache=cache is not None,
+                            attention_mask=attention_mask).last_hidden_state
+
+
 @dataclass
 class SpeculativeStats:
     drafted: int = 0
@@ -115,9 +172,9 @@ class Speculative(Technique):
         return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed)
 
 
-def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache, device: torch.device, hidden: bool = False):
-    out = model(input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True, output_hidden_states=hidden)
-    return out.logits[0], (out.hidden_states[-1][0] if hidden else None)
+def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache, device: torch.device, last_only: bool = False):
+    ids = torch.tensor([tokens], device=device)
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
 
 
 def speculative_generate(
@@ -138,12 +195,13 @@ def speculative_generate(
     target_cache = target_cache if target_cache is not None else DynamicCache(config=target.config)
     draft_cache = draft_cache if draft_cache is not None else DynamicCache(config=draft.config)
     policy = technique.policy(draft)
+    head = DraftHead.of(draft)
     prompt = input_ids[0].tolist()
 
     synchronize(device)
     started = time.perf_counter()
-    target_logits, _ = _forward(target, prompt, target_cache, device)
-    _forward(draft, prompt, draft_cache, device)
+    target_logits = _forward(target, prompt, target_cache, device, last_only=True)
+    draft_hidden(draft, input_ids, draft_cache)
     first = distribution(target_logits[-1:], temperature)[0]
     committed = [int(first.argmax()) if generator is None else int(torch.multinomial(first, 1, generator=generator))]
     synchronize(device)
@@ -161,22 +219,23 @@ def speculative_generate(
         draft_dists: list[torch.Tensor] = []
         policy.begin_round()
         while True:
-            logits, hidden = _forward(draft, pending, draft_cache, device, hidden=True)
+            hidden = draft_hidden(draft, torch.tensor([pending], device=device), draft_cache)[0, -1]
+            logits = head.logits(hidden)
             stats.draft_calls += 1
             if generator is None:  # greedy: the argmax is all verification needs
-                token = int(logits[-1].argmax())
+                token = head.token(int(logits.argmax()))
             else:
-                q = distribution(logits[-1:], temperature)[0]
+                q = head.full(distribution(logits[None], temperature)[0])
                 token = int(torch.multinomial(q, 1, generator=generator))
                 draft_dists.append(q)
             draft_tokens.append(token)
             pending = [token]
             room = max_new_tokens - len(committed)
-            if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden[-1]):
+            if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden):
                 break
         draft_seen = len(sequence) + len(draft_tokens) - 1  # the last proposal was never fed
         # 2. target: one forward over the last committed token and every proposal.
-        logits, _ = _forward(target, [sequence[-1], *draft_tokens], target_cache, device)
+        logits = _forward(target, [sequence[-1], *draft_tokens], target_cache, device)
         stats.target_calls += 1
         # 3. verify (greedy compares argmaxes, so the raw logits serve).
         if generator is None:
