@@ -34,10 +34,14 @@ CODE_TASKS = ("reverses a string", "checks whether a number is prime", "returns 
               "removes duplicates from a list while keeping order", "converts Celsius to Fahrenheit")
 
 PROMPT_SETS = ("instructions", "arithmetic", "code")
+DECODING_TASKS = (*PROMPT_SETS, "mixed")  # mixed: the sets in turn
 
 
 def make_prompts(kind: str, count: int, seed: int = 0) -> list[str]:
     """`count` distinct-as-possible prompts of one kind, the same for the same seed."""
+    if kind == "mixed":
+        per_set = {name: iter(make_prompts(name, -(-count // len(PROMPT_SETS)), seed)) for name in PROMPT_SETS}
+        return [next(per_set[PROMPT_SETS[i % len(PROMPT_SETS)]]) for i in range(count)]
     rng = random.Random(f"{kind}/{seed}")
     prompts = []
     for _ in range(count):
@@ -49,7 +53,7 @@ def make_prompts(kind: str, count: int, seed: int = 0) -> list[str]:
         elif kind == "code":
             prompts.append(rng.choice(CODE).format(task=rng.choice(CODE_TASKS)))
         else:
-            raise KeyError(f"unknown prompt set {kind!r}; available: {', '.join(PROMPT_SETS)}")
+            raise KeyError(f"unknown prompt set {kind!r}; available: {', '.join(DECODING_TASKS)}")
     return prompts
 
 

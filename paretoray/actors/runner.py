@@ -199,6 +199,8 @@ class TrialRunner:
             metrics["tokens_per_target_call"] = (counters["accepted"] + counters["target_calls"]) / counters["target_calls"]
             metrics["target_calls_per_token"] = counters["target_calls"] / max(generated, 1)
             metrics["draft_calls_per_token"] = counters["draft_calls"] / max(generated, 1)
+        else:  # plain decoding: one target forward per token, the anchor of a speculative front
+            metrics["target_calls_per_token"] = 1.0
         for length in workload.context_lengths:
             subset = [r for r in rows if r["context_length"] == length]
             metrics[f"accuracy/ctx{length}"] = sum(r["correct"] for r in subset) / len(subset)

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
+from paretoray.actors.prompts import DECODING_TASKS, as_chat, make_prompts
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -166,7 +166,7 @@ def build_samples(
 
     Decoding tasks (the prompt sets) ignore lengths and depths: `samples_per_length` prompts.
     """
-    if task in PROMPT_SETS:
+    if task in DECODING_TASKS:
         return build_decoding_samples(task, tokenizer, samples_per_length, seed)
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; available tasks: {', '.join(sorted(TASKS))}")

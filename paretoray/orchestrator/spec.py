@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from paretoray.actors.metrics import METRICS
 from paretoray.actors.techniques import Param, available_techniques
-from paretoray.actors.prompts import PROMPT_SETS
+from paretoray.actors.prompts import DECODING_TASKS
 from paretoray.actors.workloads import TASKS
 
 
@@ -60,8 +60,8 @@ class WorkloadSpec(_Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        if task not in TASKS and task not in PROMPT_SETS:
-            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted([*TASKS, *PROMPT_SETS]))}")
+        if task not in TASKS and task not in DECODING_TASKS:
+            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted([*TASKS, *DECODING_TASKS]))}")
         return task
 
     @model_validator(mode="after")
