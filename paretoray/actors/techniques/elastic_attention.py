@@ -1,0 +1,244 @@
+"""The mechanism MoA and its uniform-window baseline share: per-head sink + span attention and cache.
+
+Fu et al., "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression"
+(arXiv:2406.14909; reference code thu-nics/MoA). Every KV head h keeps the first `sinks` tokens
+and its own span S_h of most recent tokens; query i of that head sees key j iff j <= i and
+(j < sinks or i - j < S_h). Spans follow the elastic rule S_h = alpha_h + beta_h * N, fixed from
+the prompt length N at prefill.
+
+Plans are per KV head: under GQA the query heads of a group read one KV head, and the cache (what
+the technique saves) is per KV head, so a group shares its span.
+
+Cache layout (`ElasticSpanLayer`): per layer one packed buffer [B, T, D] in which KV head h owns
+exactly `capacity[h]` = sinks + S_h slots (no padding to the largest head): sinks, then a ring of
+S_h slots for the window. A decoded token overwrites its head's oldest
+window entry, so decoding copies nothing. Keys are stored RoPE-rotated at their text positions,
+and a single query attends to a set of keys whatever their slot order.
+
+Attention: prefill masks each head to its band (`sliding_window_prefill`), decoding attends to each
+head's valid slots (`variable_length_decode`); on CUDA with Triton the kernels of
+`paretoray.kernels` run, elsewhere their PyTorch references.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+
+from paretoray.actors.techniques.base import Technique
+
+ATTENTION = "paretoray_elastic"
+_ACTIVE: ContextVar[Cache | None] = ContextVar("elastic_cache", default=None)
+
+
+def causal_density(span: int | np.ndarray, sinks: int, n: int) -> float | np.ndarray:
+    """Fraction of the N(N+1)/2 causal (query, key) pairs a sink + span head attends at length N."""
+    span = np.minimum(np.asarray(span, dtype=np.int64), n)
+    i = np.arange(n)[:, None] if span.ndim else np.arange(n)
+    window = np.minimum(i + 1, span)
+    extra_sinks = np.clip(np.minimum(sinks, i + 1 - span), 0, None)  # sinks not already in the window
+    kept = (window + extra_sinks).sum(axis=0)
+    density = kept / (n * (n + 1) / 2)
+    return float(density) if np.ndim(density) == 0 else density
+
+
+def span_for_density(density: float, sinks: int, n: int) -> int:
+    """The smallest span whose causal density at length N reaches `density`."""
+    low, high = 1, n
+    while low < high:
+        middle = (low + high) // 2
+        if causal_density(middle, sinks, n) >= density:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _use_kernels(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from paretoray.kernels import triton_available
+
+    return triton_available(device)
+
+
+class ElasticSpanLayer(DynamicLayer):
+    """One layer's cache: per KV head, `sinks` first tokens + a ring of its own span (see module doc).
+
+    Packed: `keys`/`values` are [B, T, D] with KV head g in slots [offsets[g], offsets[g + 1]),
+    exactly its capacity sinks + S_g (or the prompt length, if shorter, plus what decoding adds).
+    """
+
+    is_croppable = False
+
+    def __init__(self, sinks: int, spans_of):
+        super().__init__()
+        self.sinks = sinks
+        self.spans_of = spans_of  # prompt length -> this layer's spans [Hkv]
+        self.seen = 0
+        self.spans: list[int] | None = None  # per KV head, fixed at prefill
+        self.capacity: list[int] = []  # slots per KV head
+        self.lengths: list[int] = []  # valid slots per KV head
+        self.write: list[int] = []  # per KV head: the window slot (0..span-1) the next token overwrites
+        self.host_offsets: list[int] = []
+        self.offsets: torch.Tensor | None = None  # [Hkv + 1] int32
+        self.lengths_tensor: torch.Tensor | None = None  # [Hkv] int32
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.spans is None:
+            self._prefill(key_states, value_states)
+            self.seen = n
+            return key_states, value_states  # the prefill attends over everything, masked per head
+        if n != 1:
+            raise NotImplementedError("an elastic-span cache takes one prompt, then one token per step")
+        self.seen += 1
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+    def _prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+        n = keys.shape[-2]
+        self.spans = [max(1, int(s)) for s in self.spans_of(n)]
+        self.capacity = [self.sinks + s for s in self.spans]
+        kept_keys, kept_values = [], []
+        for h, span in enumerate(self.spans):
+            if n <= self.sinks + span:
+                kept = torch.arange(n, device=keys.device)
+            else:  # sinks, then the last `span` tokens in text order: slot sinks + 0 is the oldest
+                kept = torch.cat([torch.arange(self.sinks, device=keys.device), torch.arange(n - span, n, device=keys.device)])
+            # A head whose capacity exceeds the prompt gets its free slots now: decoding fills them in place.
+            spare = self.capacity[h] - len(kept)
+            kept_keys += [keys[:, h, kept], keys.new_zeros(keys.shape[0], spare, keys.shape[-1])]
+            kept_values += [values[:, h, kept], values.new_zeros(values.shape[0], spare, values.shape[-1])]
+            self.lengths.append(len(kept))
+        self.keys, self.values = torch.cat(kept_keys, dim=1), torch.cat(kept_values, dim=1)
+        self.write = [0] * len(self.spans)
+        self.host_offsets = [0, *np.cumsum(self.capacity).tolist()]  # kept on the host: no GPU read per step
+        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int32, device=keys.device)
+        self.lengths_tensor = torch.tensor(self.lengths, dtype=torch.int32, device=keys.device)
+
+    def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        slots = []
+        offsets = self.host_offsets
+        for h, span in enumerate(self.spans):
+            if self.lengths[h] < self.capacity[h]:
+                slots.append(offsets[h] + self.lengths[h])  # still filling: the prompt was shorter than the capacity
+                self.lengths[h] += 1
+            else:  # full: overwrite the oldest window entry
+                slots.append(offsets[h] + self.sinks + self.write[h])
+                self.write[h] = (self.write[h] + 1) % span
+        index = torch.tensor(slots, device=key.device)
+        self.keys[:, index] = key[:, :, 0]
+        self.values[:, index] = value[:, :, 0]
+        self.lengths_tensor = torch.tensor(self.lengths, dtype=torch.int32, device=key.device)
+
+    def head_entries(self, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV head h's valid keys and values, [B, length, D] each."""
+        start = self.host_offsets[h]
+        return self.keys[:, start : start + self.lengths[h]], self.values[:, start : start + self.lengths[h]]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen, 0
+
+    def kept_positions(self) -> list[list[int]]:
+        """Text positions each KV head holds (sinks, then its window), for tests and reports."""
+        return [
+            list(range(self.seen)) if self.seen <= self.sinks + span
+            else list(range(self.sinks)) + list(range(self.seen - span, self.seen))
+            for span in self.spans
+        ]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an elastic-span cache has already evicted what a rollback would need")
+
+
+def elastic_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Per-head sink + span attention. query [B, Hq, q, D]; key/value as the cache layer returned
+    them: [B, Hkv, N, D] for the prompt, the packed [B, T, D] buffers when decoding."""
+    layer: ElasticSpanLayer = _ACTIVE.get().layers[module.layer_idx]
+    heads = len(layer.spans)
+    groups = query.shape[1] // heads
+    kernels = _use_kernels(query.device)
+    if query.shape[-2] > 1:  # the prompt: full keys, one band per head
+        windows = torch.tensor(layer.spans, dtype=torch.int32, device=query.device).repeat_interleave(groups)
+        if kernels:
+            from paretoray.kernels import sliding_window_prefill as prefill
+        else:
+            from paretoray.kernels import sliding_window_prefill_reference as prefill
+        out = prefill(query, key, value, windows, layer.sinks, scaling)
+    elif kernels:
+        from paretoray.kernels import variable_length_decode
+
+        lengths = layer.lengths_tensor.expand(query.shape[0], -1)
+        out = variable_length_decode(query[:, :, 0], key, value, layer.offsets, lengths, scaling)[:, :, None]
+    else:  # one SDPA per KV head over exactly its entries
+        outs = []
+        for h in range(heads):
+            k, v = layer.head_entries(h)
+            q = query[:, h * groups : (h + 1) * groups]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q, k[:, None], v[:, None], scale=scaling, enable_gqa=True))
+        out = torch.cat(outs, dim=1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, elastic_attention)  # no mask function: masks are built here
+
+
+@dataclass(frozen=True)
+class ElasticSpans(Technique):
+    """Base of per-head sink + span techniques: subclasses say each layer's spans for a prompt length."""
+
+    phase = "sparse-attention"
+    params = {}
+
+    def sinks(self) -> int:
+        raise NotImplementedError
+
+    def layer_spans(self, model: PreTrainedModel, layer_idx: int, prompt_len: int) -> list[int]:
+        """Span (tokens) of each KV head of this layer for a prompt of `prompt_len` tokens."""
+        raise NotImplementedError
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        def spans_of(layer_idx: int):
+            return lambda n: self.layer_spans(model, layer_idx, n)
+
+        return Cache(layers=[ElasticSpanLayer(self.sinks(), spans_of(i)) for i in range(model.config.num_hidden_layers)])
+
+    def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None):
+        if question_ids is not None:
+            raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
+        return super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens)
+
+    @contextmanager
+    def applied(self, model: PreTrainedModel) -> Iterator[Cache]:
+        cache = self.new_cache(model)
+        token = _ACTIVE.set(cache)
+        previous = model.config._attn_implementation
+        model.config._attn_implementation = ATTENTION
+        try:
+            yield cache
+        finally:
+            model.config._attn_implementation = previous
+            _ACTIVE.reset(token)
+
+
+def kv_heads(model: PreTrainedModel) -> int:
+    config = model.config
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def mean_span(spans: list[list[int]]) -> float:
+    return float(np.mean([s for layer in spans for s in layer])) if spans else math.nan
