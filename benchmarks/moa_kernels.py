@@ -12,9 +12,11 @@ FlexAttention compiled with a block mask built by create_block_mask from the sam
 TFLOP/s counts 4*D FLOPs per attended (query, key) pair: only unmasked pairs for the sparse
 kernels, all causal pairs for dense SDPA.
 
-Decode: each KV head holds ``sinks + max(window of its query heads)`` entries (capped at N) in a
-buffer of capacity N. Compared: the Triton variable-length kernel, SDPA over a dense cache of the
-same average length (same bytes, so this isolates the kernel), and SDPA over the full N. GB/s
+Decode: each KV head holds ``sinks + max(window of its query heads)`` entries (capped at N), packed
+as MoA keeps them: one (B, T, D) buffer per K and V in which head g owns exactly its entries,
+slots [offsets[g], offsets[g + 1]), T = sum of the lengths (a padded buffer would need Hkv * max).
+Compared: the Triton variable-length kernel over the packed cache, SDPA over a dense cache of the
+same average length (same bytes, so this isolates the kernel), and SDPA over a full-N cache. GB/s
 counts the K and V bytes each reads.
 
 CUDA timings are triton.testing.do_bench medians (it warms up and synchronizes); CPU timings are
@@ -200,28 +202,34 @@ def bench_decode(args, n: int, kernels, dtype: torch.dtype, run_triton: bool) ->
     b, hq, hkv, d, sinks = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.sinks
     gen = torch.Generator().manual_seed(args.seed + n + 1)
     windows = draw_windows(n, hq, sinks, args.density, args.seed + n)
-    lengths = kv_lengths(windows, hkv, sinks, n).expand(b, hkv).contiguous()
-    lengths_dev = lengths.to(args.device)
+    head_lengths = kv_lengths(windows, hkv, sinks, n)
+    lengths = head_lengths.expand(b, hkv).contiguous()
+    offsets = torch.cat([head_lengths.new_zeros(1), head_lengths.cumsum(0)]).to(torch.int32)  # regions = lengths
+    lengths_dev, offsets_dev = lengths.to(args.device), offsets.to(args.device)
     q = torch.randn(b, hq, d, generator=gen).to(args.device, dtype)
-    k_cache, v_cache = (torch.randn(b, hkv, n, d, generator=gen).to(args.device, dtype) for _ in range(2))
+    slots = int(offsets[-1])
+    k_cache, v_cache = (torch.randn(b, slots, d, generator=gen).to(args.device, dtype) for _ in range(2))
     mean_len = max(1, round(float(lengths.float().mean())))
     entry_bytes = 2 * d * (torch.finfo(dtype).bits // 8)  # one K row and one V row
     valid_bytes = int(lengths.sum()) * entry_bytes
-    record = {"n": n, "mean_length": mean_len, "lengths": lengths[0].tolist()}
+    record = {"n": n, "mean_length": mean_len, "lengths": lengths[0].tolist(),
+              "packed_slots": slots, "padded_slots": hkv * int(head_lengths.max())}
     results = {}
 
     def variable(fn):
-        return lambda: fn(q, k_cache, v_cache, lengths_dev)
+        return lambda: fn(q, k_cache, v_cache, offsets_dev, lengths_dev)
 
     # GQA decode as G queries per KV head: no KV repetition, so SDPA reads each entry once.
     q_grouped = q.view(b, hkv, hq // hkv, d)
-    k_mean, v_mean = k_cache[:, :, :mean_len].contiguous(), v_cache[:, :, :mean_len].contiguous()
+    k_full, v_full = (torch.randn(b, hkv, n, d, generator=gen).to(args.device, dtype) for _ in range(2))
+    k_mean, v_mean = k_full[:, :, :mean_len].contiguous(), v_full[:, :, :mean_len].contiguous()
     results["sdpa_same_mean_length"] = measure(
         lambda: F.scaled_dot_product_attention(q_grouped, k_mean, v_mean), args, b * hkv * mean_len * entry_bytes, "gbps"
     )
     results["sdpa_full_n"] = measure(
-        lambda: F.scaled_dot_product_attention(q_grouped, k_cache, v_cache), args, b * hkv * n * entry_bytes, "gbps"
+        lambda: F.scaled_dot_product_attention(q_grouped, k_full, v_full), args, b * hkv * n * entry_bytes, "gbps"
     )
+    del k_full, v_full, k_mean, v_mean
     if args.device == "cpu":
         results["reference"] = measure(variable(kernels.variable_length_decode_reference), args, valid_bytes, "gbps")
     if run_triton:

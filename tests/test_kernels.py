@@ -7,6 +7,7 @@ GPU the same tests run compiled, in float32 and bfloat16.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import subprocess
@@ -164,68 +165,130 @@ def test_prefill_rejects_bad_inputs():
 # --- decode -------------------------------------------------------------------------------
 
 
-DECODE_SHAPES = [  # (B, Hq, Hkv, C, D)
-    (2, 9, 3, 100, 32),
-    (1, 4, 4, 7, 16),
-    (3, 8, 2, 130, 16),
-    (2, 2, 1, 1, 32),
+def _packed_decode_inputs(b, hq, sizes, d, dtype, seed, slack=0):
+    """Packed (B, T, D) caches in which KV head g owns ``sizes[g]`` slots, then ``slack`` unused
+    slots. Lengths differ per batch row: row 0 fills every region, the last row (B > 1) gives head
+    0 a single entry, the rest are random. Every slot past a length is NaN, so reading one fails."""
+    hkv = len(sizes)
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32)
+    slots = int(offsets[-1]) + slack
+    q = _randn(b, hq, d, dtype=dtype, seed=seed)
+    k = _randn(b, slots, d, dtype=dtype, seed=seed + 1)
+    v = _randn(b, slots, d, dtype=dtype, seed=seed + 2)
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.stack([torch.randint(1, size + 1, (b,), generator=gen) for size in sizes], dim=1)
+    lengths[0] = torch.tensor(sizes)
+    if b > 1:
+        lengths[-1, 0] = 1
+    for row in range(b):
+        for g in range(hkv):
+            spare = slice(int(offsets[g] + lengths[row, g]), int(offsets[g + 1]))
+            k[row, spare] = v[row, spare] = float("nan")
+    k[:, int(offsets[-1]) :] = v[:, int(offsets[-1]) :] = float("nan")
+    return q, k, v, offsets.to(DEVICE), lengths.to(device=DEVICE, dtype=torch.int32)
+
+
+DECODE_CASES = [  # (B, Hq, slots of each KV head's region, D, unused slots at the end)
+    (2, 9, (100, 1, 37), 32, 3),  # SmolLM2's GQA ratio 9/3, a one-slot region
+    (1, 4, (7, 3, 1, 5), 16, 0),  # MHA
+    (3, 4, (4, 1, 9, 2), 16, 0),  # MHA, B > 1
+    (3, 8, (130, 64), 16, 5),  # regions longer than one block
+    (2, 2, (1,), 32, 0),  # one KV head of one slot
 ]
 
 
-def _decode_inputs(b, hq, hkv, cap, d, dtype, seed):
-    q = _randn(b, hq, d, dtype=dtype, seed=seed)
-    k = _randn(b, hkv, cap, d, dtype=dtype, seed=seed + 1)
-    v = _randn(b, hkv, cap, d, dtype=dtype, seed=seed + 2)
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, cap + 1, (b, hkv), generator=gen, dtype=torch.int32)
-    lengths.view(-1)[0] = 1
-    lengths.view(-1)[-1] = cap
-    return q, k, v, lengths.to(DEVICE)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_decode_matches_reference(shape, dtype):
-    q, k, v, lengths = _decode_inputs(*shape, dtype=dtype, seed=shape[3])
-    got = vld.variable_length_decode(q, k, v, lengths)
-    want = vld.variable_length_decode_reference(q, k, v, lengths)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{'-'.join(map(str, c[2]))}x{c[3]}")
+def test_decode_matches_reference(case, dtype):
+    b, hq, sizes, d, slack = case
+    q, k, v, offsets, lengths = _packed_decode_inputs(b, hq, sizes, d, dtype, seed=sum(sizes), slack=slack)
+    got = vld.variable_length_decode(q, k, v, offsets, lengths)
+    want = vld.variable_length_decode_reference(q, k, v, offsets, lengths)
     assert got.shape == q.shape and got.dtype == dtype
+    assert not want.isnan().any()
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_random_shapes(seed):
+    """Random batch, group size, KV heads, region sizes (one of them 1), head dim and spare slots."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    b, hkv, group, slack = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 4), (1, 5), (1, 5), (0, 6)))
+    sizes = torch.randint(1, 90, (hkv,), generator=gen).tolist()
+    sizes[int(torch.randint(0, hkv, (), generator=gen))] = 1
+    d = (16, 32, 64)[seed % 3]
+    q, k, v, offsets, lengths = _packed_decode_inputs(b, hkv * group, sizes, d, torch.float32, seed, slack)
+    want = vld.variable_length_decode_reference(q, k, v, offsets, lengths)
+    torch.testing.assert_close(vld.variable_length_decode(q, k, v, offsets, lengths), want, **TOL[torch.float32])
+    splits = 1 + seed % 3
+    got = vld._launch_decode(q, k, v, offsets, lengths, None, splits, 16)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits,block_n", [(1, 16), (3, 16), (8, 32), (5, 64)])
 def test_decode_splits(num_splits, block_n):
     """Split-K merging, including splits left empty because a head is shorter than the split count."""
-    q, k, v, lengths = _decode_inputs(2, 9, 3, 100, 32, torch.float32, seed=num_splits)
-    got = vld._launch_decode(q, k, v, lengths, 0.2, num_splits, block_n)
-    want = vld.variable_length_decode_reference(q, k, v, lengths, scale=0.2)
+    q, k, v, offsets, lengths = _packed_decode_inputs(2, 9, (100, 1, 37), 32, torch.float32, seed=num_splits, slack=2)
+    got = vld._launch_decode(q, k, v, offsets, lengths, 0.2, num_splits, block_n)
+    want = vld.variable_length_decode_reference(q, k, v, offsets, lengths, scale=0.2)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-def test_decode_ignores_padding_and_strided_cache():
-    """Garbage past each length must not leak in; the cache may be a strided view."""
-    q, k, v, lengths = _decode_inputs(2, 4, 2, 40, 16, torch.float32, seed=9)
-    k_pad, v_pad = k.clone(), v.clone()
-    for b in range(2):
-        for g in range(2):
-            k_pad[b, g, lengths[b, g]:] = 1e4
-            v_pad[b, g, lengths[b, g]:] = float("nan")
-    k_strided = k_pad.transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, Hkv, D) storage
-    want = vld.variable_length_decode_reference(q, k, v, lengths)
-    torch.testing.assert_close(vld._launch_decode(q, k_strided, v_pad, lengths, None, 2, 16), want, **TOL[torch.float32])
-    torch.testing.assert_close(vld.variable_length_decode_reference(q, k_strided, v_pad, lengths), want)
+def test_decode_strided_cache_broadcast_lengths_and_int64_offsets():
+    """The cache may be a strided view, lengths a stride-0 expand (as the elastic cache passes
+    them), offsets int64; lengths past a region are clamped to it."""
+    q, k, v, offsets, lengths = _packed_decode_inputs(1, 6, (20, 1, 33), 16, torch.float32, seed=9, slack=4)
+    k, v = k.expand(3, -1, -1), v.expand(3, -1, -1)  # rows share lengths: lengths[0] fills every region
+    q = _randn(3, 6, 16, dtype=torch.float32, seed=10)
+    k_strided = k.transpose(0, 1).contiguous().transpose(0, 1)  # (T, B, D) storage
+    shared = lengths[0].expand(3, -1)
+    want = vld.variable_length_decode_reference(q, k.contiguous(), v.contiguous(), offsets, shared.contiguous())
+    got = vld._launch_decode(q, k_strided, v, offsets.long(), shared, None, 2, 16)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    torch.testing.assert_close(vld.variable_length_decode_reference(q, k_strided, v, offsets.long(), shared), want)
+    too_long = shared + 7
+    torch.testing.assert_close(vld.variable_length_decode(q, k, v, offsets, too_long), want, **TOL[torch.float32])
+    torch.testing.assert_close(vld.variable_length_decode_reference(q, k, v, offsets, too_long), want)
 
 
-def test_decode_reference_is_sdpa_over_each_prefix():
-    q, k, v, lengths = _decode_inputs(2, 6, 2, 30, 16, torch.float32, seed=4)
-    got = vld.variable_length_decode_reference(q, k, v, lengths)
+def test_decode_reference_is_sdpa_over_each_slice():
+    q, k, v, offsets, lengths = _packed_decode_inputs(2, 6, (30, 1, 12), 16, torch.float32, seed=4, slack=2)
+    got = vld.variable_length_decode_reference(q, k, v, offsets, lengths)
     for b in range(2):
         for h in range(6):
-            g, n = h // 3, int(lengths[b, h // 3])
+            g = h // 2
+            lo = int(offsets[g])
+            hi = lo + int(lengths[b, g])
             want = torch.nn.functional.scaled_dot_product_attention(
-                q[b, h, None, None], k[b, g, None, :n], v[b, g, None, :n]
+                q[b, h, None, None], k[b, None, lo:hi], v[b, None, lo:hi]
             )[0, 0]
             torch.testing.assert_close(got[b, h], want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rejects_bad_inputs():
+    q, k, v, offsets, lengths = _packed_decode_inputs(1, 4, (5, 3), 16, torch.float32, seed=1)
+    for fn in (vld.variable_length_decode, vld.variable_length_decode_reference):
+        with pytest.raises(ValueError, match="packed"):  # the old padded (B, Hkv, C, D) layout
+            fn(q, k.view(1, 1, 8, 16), v.view(1, 1, 8, 16), offsets, lengths)
+        with pytest.raises(ValueError, match="shapes differ"):
+            fn(q, k, v[:, :7], offsets, lengths)
+        with pytest.raises(ValueError, match="disagree"):
+            fn(q[..., :8], k, v, offsets, lengths)
+        for bad in ([1, 5, 8], [0, 6, 5], [0, 5, 9]):  # nonzero start, decreasing, past T
+            with pytest.raises(ValueError, match="offsets must start at 0"):
+                fn(q, k, v, torch.tensor(bad, dtype=torch.int32), lengths)
+        with pytest.raises(ValueError, match=r"\(Hkv \+ 1,\)"):
+            fn(q, k, v, offsets[:1], lengths[:, :0])
+        with pytest.raises(TypeError, match="offsets must be an integer"):
+            fn(q, k, v, offsets.float(), lengths)
+        with pytest.raises(ValueError, match="multiple"):
+            fn(q[:, :3], k, v, offsets, lengths)
+        with pytest.raises(ValueError, match="lengths must be"):
+            fn(q, k, v, offsets, lengths[:, :1])
+        with pytest.raises(TypeError, match="lengths must be an integer"):
+            fn(q, k, v, offsets, lengths.float())
+    with pytest.raises(ValueError, match="head dims"):
+        vld.variable_length_decode(q[..., :12], k[..., :12], v[..., :12], offsets, lengths)
 
 
 # --- packaging ----------------------------------------------------------------------------
@@ -243,7 +306,9 @@ def test_wrappers_name_pip_install_without_triton(monkeypatch):
         swp.sliding_window_prefill(q, k, v, [1, 2], 0)
     monkeypatch.setattr(vld, "triton", None)
     with pytest.raises(RuntimeError, match="pip install triton"):
-        vld.variable_length_decode(q[:, :, 0], k, v, torch.ones(1, 1, dtype=torch.int32, device=DEVICE))
+        offsets = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+        lengths = torch.ones(1, 1, dtype=torch.int32, device=DEVICE)
+        vld.variable_length_decode(q[:, :, 0], k[:, 0], v[:, 0], offsets, lengths)
 
 
 def test_package_imports_without_triton():

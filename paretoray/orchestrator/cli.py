@@ -107,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--temperature", type=float, default=0.0, help="0: labels for greedy verification; > 0: soft labels min(1, p/q)")
     head.add_argument("--seed", type=int, default=0)
 
+    moa = commands.add_parser("moa", help="MoA's offline steps: profile a model's heads, search a plan for a density budget",
+                              description="The moa technique builds both on first use; these commands make them ahead, "
+                              "with other lengths or budgets, and print what they found.")
+    moa_commands = moa.add_subparsers(dest="moa_command", required=True, metavar="SUBCOMMAND")
+    moa_profile = moa_commands.add_parser("profile", help="gradient-influence profile of every head at several lengths",
+                                          description="Long offline documents (the standard library's documentation) with the "
+                                          "model's own greedy response; each attention value's influence on the response loss, "
+                                          "summed into 64-token blocks. Saved where the moa technique looks for it unless --out.")
+    moa_profile.add_argument("--model", default="smollm2-135m")
+    moa_profile.add_argument("--lengths", type=int, nargs="+", default=None, help="tokens (default 1024 2048 on CPU)")
+    moa_profile.add_argument("--samples", type=int, default=2, help="calibration documents per length")
+    moa_profile.add_argument("--out", type=Path, help="profile file (default: $PARETORAY_CACHE/moa/MODEL/profile.pt)")
+    moa_plan = moa_commands.add_parser("plan", help="one elastic rule per head under a mean-density budget (MILP, HiGHS)")
+    moa_plan.add_argument("--model", default="smollm2-135m", help="whose cached profile to use (or give --profile)")
+    moa_plan.add_argument("--profile", type=Path, help="a profile file from `paretoray moa profile --out`")
+    moa_plan.add_argument("--density", type=float, default=0.5, help="mean share of the KV cache kept (default 0.5, the reference's)")
+    moa_plan.add_argument("--rules-per-layer", type=int, default=2, help="distinct rules allowed per layer (reference: 2)")
+    moa_plan.add_argument("--out", type=Path, help="plan JSON (default: where the moa technique looks for it)")
+
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
@@ -250,6 +269,40 @@ def _train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moa(args: argparse.Namespace) -> int:
+    from paretoray.actors.moa import DEFAULT_LENGTHS, Profile, profile_model, search_plan
+    from paretoray.actors.models import ModelLoadError, cache_root, load_model, resolve
+
+    def default_folder() -> Path:
+        return cache_root() / "moa" / Path(resolve(args.model)).name
+
+    try:
+        if args.moa_command == "profile":
+            model, tokenizer = load_model(args.model, dtype="float32")
+            profile = profile_model(model, tokenizer, args.lengths or DEFAULT_LENGTHS, samples_per_length=args.samples)
+            out = args.out or default_folder() / "profile.pt"
+            profile.save(out)
+            print(f"profile of {args.model} at {profile.lengths} tokens ({profile.seconds:.0f} s) saved in {out}")
+            return 0
+        source = args.profile or default_folder() / "profile.pt"
+        if not source.exists():
+            return _fail(f"no profile at {source}: run `paretoray moa profile --model {args.model}` first", 1)
+        plan = search_plan(Profile.load(source), args.density, rules_per_layer=args.rules_per_layer)
+    except ModelLoadError as error:
+        return _fail(str(error), 1)
+    except ValueError as error:
+        return _fail(str(error), 1)
+    out = args.out or source.parent / f"plan-density{args.density:.4f}.json"
+    plan.save(out)
+    spans = {n: [[rule.span(int(n)) for rule in plan.rules(layer)] for layer in range(len(plan.alphas))] for n in plan.achieved_density}
+    for n, density in plan.achieved_density.items():
+        flat = [s for row in spans[n] for s in row]
+        print(f"at {n} tokens: mean density {density:.3f}, spans {min(flat)}-{max(flat)} tokens (mean {sum(flat) / len(flat):.0f}), "
+              f"predicted loss increase {plan.predicted_loss[n]:.4g}")
+    print(f"plan saved in {out}")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from paretoray.orchestrator.stores import resolve_stores
 
@@ -276,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_draft(args)
     if args.command == "train-acceptance-head":
         return _train_head(args)
+    if args.command == "moa":
+        return _moa(args)
     return _ui(args)
 
 
