@@ -140,30 +140,32 @@ def value_influence(attention: torch.Tensor, grad: torch.Tensor) -> torch.Tensor
     return influence.abs().tril()
 
 
-def block_influence(attention: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, N] attention and its gradient -> [H, nb, nb] summed |influence| per 64x64 block."""
+def block_influence(attention: torch.Tensor, grad: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
+    """[B, H, N, N] attention and its gradient -> [H, nb, nb] summed |influence| per 64x64 block
+    (nb = ceil(N / 64), or `n_blocks` when samples a few tokens short of a length must align)."""
     influence = value_influence(attention, grad)
     a = attention
     n = a.shape[-1]
-    nb = math.ceil(n / BLOCK)
+    nb = n_blocks or math.ceil(n / BLOCK)
     padded = torch.nn.functional.pad(influence, (0, nb * BLOCK - n, 0, nb * BLOCK - n))
     return padded.view(*a.shape[:2], nb, BLOCK, nb, BLOCK).sum(dim=(0, 3, 5))
 
 
-def profile_length(model: PreTrainedModel, samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+def profile_length(model: PreTrainedModel, samples: list[tuple[torch.Tensor, int]], length: int) -> torch.Tensor:
     """Mean block influence [layers, kv_heads, nb, nb] over the samples of one length."""
+    n_blocks = math.ceil(length / BLOCK)
     config = model.config
     groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     total = None
     previous = config._attn_implementation
     config._attn_implementation = "eager"  # the attention probabilities must exist as tensors
     try:
-        for ids, start in tqdm(samples, desc=f"profiling {samples[0][0].shape[1]} tokens", unit="sample"):
+        for ids, start in tqdm(samples, desc=f"profiling at {length} tokens", unit="sample"):
             per_layer: dict[int, torch.Tensor] = {}
 
             def keep(layer: int, attention: torch.Tensor):
                 def on_grad(grad: torch.Tensor):
-                    per_layer[layer] = block_influence(attention.detach(), grad)
+                    per_layer[layer] = block_influence(attention.detach(), grad, n_blocks)
                 return on_grad
 
             # Parameters are frozen: the graph starts at the embeddings, so only activations get gradients.
@@ -213,7 +215,7 @@ def profile_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, le
         for length in lengths:
             samples = calibration_samples(model, tokenizer, length, samples_per_length, response_tokens)
             with torch.enable_grad():
-                influence[length] = profile_length(model, samples)
+                influence[length] = profile_length(model, samples, length)
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -250,6 +252,7 @@ class Plan:
 def search_plan(profile: Profile, density: float, rules_per_layer: int = 2, alpha_step: int = 512,
                 time_limit_s: float = 60.0) -> Plan:
     """Choose one rule per head: min summed loss s.t. mean density <= density at every length."""
+    from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     lengths = profile.lengths
@@ -268,28 +271,27 @@ def search_plan(profile: Profile, density: float, rules_per_layer: int = 2, alph
     # Variables: x[h, r] (head h takes rule r), then y[l, r] (layer l uses rule r at all).
     n_x, n_y = n_heads * n_rules, layers * n_rules
     cost = np.concatenate([loss.ravel(), np.zeros(n_y)])
-    rows, lower, upper = [], [], []
-    one_rule = np.zeros((n_heads, n_x + n_y))
-    for h in range(n_heads):
-        one_rule[h, h * n_rules : (h + 1) * n_rules] = 1
-    rows.append(one_rule), lower.append(np.ones(n_heads)), upper.append(np.ones(n_heads))
-    budget = np.zeros((len(lengths), n_x + n_y))
-    for li in range(len(lengths)):
-        budget[li, :n_x] = np.tile(dens[li], n_heads) / n_heads
-    rows.append(budget), lower.append(np.full(len(lengths), 0.9 * density)), upper.append(np.full(len(lengths), density))
+    x_index = np.arange(n_x).reshape(n_heads, n_rules)
+    y_index = n_x + np.arange(n_y).reshape(layers, n_rules)
+    heads_of = np.repeat(np.arange(n_heads), n_rules)
+    # each head takes exactly one rule
+    one_rule = sparse.csr_matrix((np.ones(n_x), (heads_of, x_index.ravel())), shape=(n_heads, n_x + n_y))
+    # the mean density over heads at every profiled length stays in [0.9 * density, density]
+    budget = sparse.csr_matrix(np.hstack([np.tile(dens, n_heads) / n_heads, np.zeros((len(lengths), n_y))]))
     # x[h, r] <= y[layer(h), r], and sum_r y[l, r] <= rules_per_layer
-    link = np.zeros((n_x, n_x + n_y))
-    for h in range(n_heads):
-        for r in range(n_rules):
-            link[h * n_rules + r, h * n_rules + r] = 1
-            link[h * n_rules + r, n_x + (h // heads) * n_rules + r] = -1
-    rows.append(link), lower.append(np.full(n_x, -np.inf)), upper.append(np.zeros(n_x))
-    per_layer = np.zeros((layers, n_x + n_y))
-    for layer in range(layers):
-        per_layer[layer, n_x + layer * n_rules : n_x + (layer + 1) * n_rules] = 1
-    rows.append(per_layer), lower.append(np.zeros(layers)), upper.append(np.full(layers, rules_per_layer))
-    result = milp(cost, constraints=LinearConstraint(np.vstack(rows), np.concatenate(lower), np.concatenate(upper)),
-                  integrality=np.ones(n_x + n_y), bounds=Bounds(0, 1), options={"time_limit": time_limit_s})
+    y_of = y_index[np.arange(n_heads) // heads].ravel()
+    link = sparse.csr_matrix((np.concatenate([np.ones(n_x), -np.ones(n_x)]),
+                              (np.concatenate([np.arange(n_x), np.arange(n_x)]), np.concatenate([x_index.ravel(), y_of]))),
+                             shape=(n_x, n_x + n_y))
+    per_layer = sparse.csr_matrix((np.ones(n_y), (np.repeat(np.arange(layers), n_rules), y_index.ravel())), shape=(layers, n_x + n_y))
+    constraints = [
+        LinearConstraint(one_rule, 1, 1),
+        LinearConstraint(budget, 0.9 * density, density),
+        LinearConstraint(link, -np.inf, 0),
+        LinearConstraint(per_layer, 0, rules_per_layer),
+    ]
+    result = milp(cost, constraints=constraints, integrality=np.ones(n_x + n_y), bounds=Bounds(0, 1),
+                  options={"time_limit": time_limit_s})
     if result.x is None:
         densest = max(dens[li].min() for li in range(len(lengths)))
         raise ValueError(f"no MoA plan reaches mean density {density:g} at lengths {lengths} "
