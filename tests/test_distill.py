@@ -86,3 +86,12 @@ def test_registry_draft_is_built_once_on_first_use(tiny_model_dir, tmp_path, mon
     assert (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns == stamp
     model, _ = models.load_model("tiny-draft", device="cpu")
     assert model.config.num_hidden_layers == 1
+
+
+def test_a_corpus_smaller_than_a_batch_is_one_batch():
+    from paretoray.actors.distill import _batches
+
+    sequences = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    teacher = [(torch.zeros(len(s), 2), torch.zeros(len(s), 2, dtype=torch.long)) for s in sequences]
+    ids, mask, _, _ = next(_batches(sequences, teacher, batch_size=8, pad=0, generator=torch.Generator().manual_seed(0)))
+    assert ids.shape == (3, 4) and mask.sum() == 9

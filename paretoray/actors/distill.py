@@ -121,7 +121,11 @@ def sparse_kl(draft_logits: torch.Tensor, teacher_log_p: torch.Tensor, teacher_i
 
 
 def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, generator: torch.Generator):
+    """Endless shuffled batches; a corpus smaller than one batch makes every batch the whole corpus."""
+    if not sequences:
+        raise ValueError("no sequences to distil on")
     top_k = teacher[0][0].shape[-1]
+    batch_size = min(batch_size, len(sequences))
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
