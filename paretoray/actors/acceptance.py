@@ -50,10 +50,10 @@ def draft_continuation(draft: PreTrainedModel, ids: torch.Tensor, new_tokens: in
         logits = head.logits(hidden).float()
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
-            row = int(torch.multinomial(probs, 1))
+            row = torch.multinomial(probs, 1)[0]
         else:
-            probs, row = None, int(logits.argmax())
-        tokens.append(head.token(row))
+            probs, row = None, logits.argmax()
+        tokens.append(int(head.token(row)))
         hiddens.append(hidden)
         q_of_token.append(float(probs[row]) if probs is not None else 1.0)
         if tokens[-1] in eos_token_ids:

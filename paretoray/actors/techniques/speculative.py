@@ -37,22 +37,19 @@ from paretoray.actors.techniques.base import Param, Technique
 
 
 def verify(
-    target_probs: torch.Tensor,  # [k + 1, V]: p(. | prefix, d_1..d_{i-1}) for i = 1..k+1 (greedy: logits do)
-    draft_probs: torch.Tensor | None,  # [k, V]: q_i, or None for greedy
+    target_probs: torch.Tensor,  # [k + 1, V]: p(. | prefix, d_1..d_{i-1}) for i = 1..k+1
+    draft_probs: torch.Tensor,  # [k, V]: q_i
     draft_tokens: list[int],  # d_1..d_k
     generator: torch.Generator | None = None,
 ) -> tuple[int, int]:
-    """How many draft tokens the target accepts, and the token that follows them.
+    """Sampling verification: how many draft tokens the target accepts, and the token that follows.
 
-    Greedy (draft_probs None): accept while argmax p_i == d_i; the next token is argmax p_{a+1}.
-    Sampling: the standard rule, which makes every committed token distributed exactly as the
-    target would have sampled it.
+    The standard rule, which makes every committed token distributed exactly as the target would
+    have sampled it: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection sample from norm(max(0, p_i - q_i)); if all are accepted, sample the bonus token
+    from p_{k+1}.
     """
     k = len(draft_tokens)
-    if draft_probs is None:
-        argmax = target_probs.argmax(dim=-1).tolist()
-        accepted = next((i for i in range(k) if argmax[i] != draft_tokens[i]), k)
-        return accepted, argmax[accepted]
     for i, token in enumerate(draft_tokens):
         p, q = target_probs[i, token], draft_probs[i, token]
         if torch.rand((), generator=generator, device=target_probs.device) * q > p:  # reject: u > p / q
@@ -60,6 +57,20 @@ def verify(
             residual = residual / residual.sum() if residual.sum() > 0 else target_probs[i]
             return i, int(torch.multinomial(residual, 1, generator=generator))
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> list[int]:
+    """Greedy verification on the device: the accepted draft tokens plus the target's next token.
+
+    target_logits [k + 1, V]; draft_tokens [k] (device). Accept while argmax p_i == d_i; the next
+    token is argmax p_{a+1}. Reading the result back is the round's one host sync.
+    """
+    k = draft_tokens.shape[0]
+    argmax = target_logits.argmax(dim=-1)  # [k + 1]
+    accepted = (argmax[:k] == draft_tokens).int().cumprod(0).sum()
+    # One transfer: the draft tokens, then how many were accepted, then the target's next token.
+    flat = torch.cat([draft_tokens, accepted[None], argmax[accepted][None]]).tolist()
+    return flat[: flat[k]] + [flat[k + 1]]
 
 
 def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -112,8 +123,9 @@ class DraftHead:
         """[..., H] -> [..., K]"""
         return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight)
 
-    def token(self, row: int) -> int:
-        return row if self.token_ids is None else int(self.token_ids[row])
+    def token(self, row: torch.Tensor) -> torch.Tensor:
+        """Vocabulary id of a head row (a device scalar: no host sync)."""
+        return row if self.token_ids is None else self.token_ids[row]
 
     def full(self, probs: torch.Tensor) -> torch.Tensor:
         """[K] probabilities over the head's rows -> [V] over the vocabulary (zero off the rows)."""
@@ -214,40 +226,49 @@ def speculative_generate(
         round_start = time.perf_counter()
         sequence = prompt + committed
         # 1. draft: catch up on committed tokens it has not seen, then propose.
-        pending = sequence[draft_seen:]
-        draft_tokens: list[int] = []
+        pending = torch.tensor([sequence[draft_seen:]], device=device)
+        # Greedy proposals stay on the device (no sync per draft step); sampled ones need host ids.
+        draft_tokens: list = []
         draft_dists: list[torch.Tensor] = []
         policy.begin_round()
         while True:
-            hidden = draft_hidden(draft, torch.tensor([pending], device=device), draft_cache)[0, -1]
+            hidden = draft_hidden(draft, pending, draft_cache)[0, -1]
             logits = head.logits(hidden)
             stats.draft_calls += 1
             if generator is None:  # greedy: the argmax is all verification needs
-                token = head.token(int(logits.argmax()))
+                token = head.token(logits.argmax())
+                pending = token.view(1, 1)
             else:
                 q = head.full(distribution(logits[None], temperature)[0])
                 token = int(torch.multinomial(q, 1, generator=generator))
                 draft_dists.append(q)
+                pending = torch.tensor([[token]], device=device)
             draft_tokens.append(token)
-            pending = [token]
             room = max_new_tokens - len(committed)
             if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden):
                 break
-        draft_seen = len(sequence) + len(draft_tokens) - 1  # the last proposal was never fed
+        k = len(draft_tokens)
+        draft_seen = len(sequence) + k - 1  # the last proposal was never fed
         # 2. target: one forward over the last committed token and every proposal.
-        logits = _forward(target, [sequence[-1], *draft_tokens], target_cache, device)
+        if generator is None:
+            proposals = torch.stack(draft_tokens)
+            verified = torch.cat([torch.tensor([sequence[-1]], device=device), proposals])
+        else:
+            verified = torch.tensor([sequence[-1], *draft_tokens], device=device)
+        logits = target(input_ids=verified[None], past_key_values=target_cache, use_cache=True).logits[0]
         stats.target_calls += 1
         # 3. verify (greedy compares argmaxes, so the raw logits serve).
         if generator is None:
-            accepted, following = verify(logits, None, draft_tokens)
+            new = verify_greedy(logits, proposals)
         else:
             accepted, following = verify(distribution(logits, temperature), torch.stack(draft_dists), draft_tokens, generator)
-        stats.drafted += len(draft_tokens)
+            new = draft_tokens[:accepted] + [following]
+        accepted = len(new) - 1
+        stats.drafted += k
         stats.accepted += accepted
-        new = draft_tokens[:accepted] + [following]
         # 4. roll both caches back to the accepted prefix.
-        if accepted < len(draft_tokens):
-            target_cache.crop(-(len(draft_tokens) - accepted))
+        if accepted < k:
+            target_cache.crop(-(k - accepted))
         kept_in_draft = len(sequence) + accepted
         if draft_seen > kept_in_draft:
             draft_cache.crop(-(draft_seen - kept_in_draft))
