@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paretoray.actors.techniques import build_technique
-from paretoray.actors.techniques.elastic_attention import ElasticSpans, causal_density, span_for_density
+from paretoray.actors.techniques.elastic_attention import GROWTH, ElasticSpans, span_for_density
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ def test_decoding_from_the_ring_cache_equals_a_masked_prefill_of_the_whole_seque
     model, _ = tiny_model
     technique = heterogeneous(model)
     ids = prompt(model, 30, 0)
-    run = technique.generate(model, ids, 25)  # 25 steps: every ring wraps, short heads many times
+    # 75 steps: every ring wraps, short heads many times; the 200-token head outgrows its first
+    # region (30 prompt tokens + GROWTH slots) and is given more.
+    run = technique.generate(model, ids, 75)
     sequence = torch.cat([ids, torch.tensor([run.tokens[:-1]])], dim=1)
-    for step in (1, 7, 24):
+    for step in (1, 7, 24, 74):
         prefix = sequence[:, : 30 + step]
         expected = last_logits_by_prefill(model, technique, prefix)
         with technique.applied(model) as cache, torch.inference_mode():
@@ -73,8 +75,10 @@ def test_each_head_holds_its_sinks_and_its_span_and_nothing_else(tiny_model):
         for kept, span in zip(layer.kept_positions(), spans):
             expected = list(range(40)) if 40 <= 2 + span else [0, 1] + list(range(40 - span, 40))
             assert kept == expected
-        # Packed: exactly sinks + span slots per head (the 200-token head only what it has filled so far)
-        assert layer.keys.shape[1] == sum(2 + s for s in spans)
+        # Packed: sinks + span slots per head; a head whose span exceeds the text holds what it
+        # has plus room to grow, not its whole span.
+        assert layer.region == [min(2 + s, 30 + GROWTH) for s in spans]
+        assert layer.keys.shape[1] == sum(layer.region)
         assert layer.lengths == [min(40, 2 + s) for s in spans]
 
 
@@ -86,13 +90,14 @@ def test_a_window_as_long_as_the_prompt_is_dense_attention(tiny_model):
     assert build_technique("uniform_window", {"density": 1.0, "sink_tokens": 4}).generate(model, ids, 5).tokens == dense
 
 
-def test_uniform_window_spans_match_their_density():
-    assert causal_density(10, 0, 10) == 1.0
-    assert causal_density(1, 0, 10) == pytest.approx(10 / 55)  # the diagonal only
-    assert causal_density(1, 3, 10) == pytest.approx((10 + 0 + 1 + 2 + 3 * 7) / 55 - 0 / 55)
-    for density in (0.1, 0.3, 0.7):
-        span = span_for_density(density, 64, 2048)
-        assert causal_density(span, 64, 2048) >= density > causal_density(span - 1, 64, 2048)
+def test_uniform_window_keeps_its_density_of_the_prompt(tiny_model):
+    model, _ = tiny_model
+    assert span_for_density(0.5, 64, 2048) == 960  # 64 sinks + 960 recent = half of 2048
+    assert span_for_density(0.01, 64, 2048) == 1
+    technique = build_technique("uniform_window", {"density": 0.25, "sink_tokens": 4})
+    with technique.applied(model) as cache, torch.inference_mode():
+        model(input_ids=prompt(model, 200, 5), past_key_values=cache, use_cache=True)
+    assert all(layer.lengths == [50] * model.config.num_key_value_heads for layer in cache.layers)
 
 
 def test_context_only_placement_is_refused_with_a_reason(tiny_model):

@@ -36,30 +36,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 from paretoray.actors.techniques.base import Technique
 
 ATTENTION = "paretoray_elastic"
+GROWTH = 64  # slots a head whose span exceeds the text gets at a time
 _ACTIVE: ContextVar[Cache | None] = ContextVar("elastic_cache", default=None)
 
 
-def causal_density(span: int | np.ndarray, sinks: int, n: int) -> float | np.ndarray:
-    """Fraction of the N(N+1)/2 causal (query, key) pairs a sink + span head attends at length N."""
-    span = np.minimum(np.asarray(span, dtype=np.int64), n)
-    i = np.arange(n)[:, None] if span.ndim else np.arange(n)
-    window = np.minimum(i + 1, span)
-    extra_sinks = np.clip(np.minimum(sinks, i + 1 - span), 0, None)  # sinks not already in the window
-    kept = (window + extra_sinks).sum(axis=0)
-    density = kept / (n * (n + 1) / 2)
-    return float(density) if np.ndim(density) == 0 else density
-
-
 def span_for_density(density: float, sinks: int, n: int) -> int:
-    """The smallest span whose causal density at length N reaches `density`."""
-    low, high = 1, n
-    while low < high:
-        middle = (low + high) // 2
-        if causal_density(middle, sinks, n) >= density:
-            high = middle
-        else:
-            low = middle + 1
-    return low
+    """The span whose sinks + span keep `density` of a prompt of n tokens in the KV cache (MoA's
+    "kv" density: the share of the cache kept, which is also the mean attention span over N)."""
+    return max(1, round(density * n) - sinks)
 
 
 def _use_kernels(device: torch.device) -> bool:
@@ -73,8 +57,9 @@ def _use_kernels(device: torch.device) -> bool:
 class ElasticSpanLayer(DynamicLayer):
     """One layer's cache: per KV head, `sinks` first tokens + a ring of its own span (see module doc).
 
-    Packed: `keys`/`values` are [B, T, D] with KV head g in slots [offsets[g], offsets[g + 1]),
-    exactly its capacity sinks + S_g (or the prompt length, if shorter, plus what decoding adds).
+    Packed: `keys`/`values` are [B, T, D] with KV head g in slots [offsets[g], offsets[g + 1]): its
+    capacity sinks + S_g, or, while the text is shorter than that, what it holds plus up to GROWTH
+    slots to decode into (grown GROWTH at a time).
     """
 
     is_croppable = False
@@ -85,7 +70,8 @@ class ElasticSpanLayer(DynamicLayer):
         self.spans_of = spans_of  # prompt length -> this layer's spans [Hkv]
         self.seen = 0
         self.spans: list[int] | None = None  # per KV head, fixed at prefill
-        self.capacity: list[int] = []  # slots per KV head
+        self.capacity: list[int] = []  # per KV head: sinks + span, the most it ever holds
+        self.region: list[int] = []  # per KV head: slots allocated now (<= capacity)
         self.lengths: list[int] = []  # valid slots per KV head
         self.write: list[int] = []  # per KV head: the window slot (0..span-1) the next token overwrites
         self.host_offsets: list[int] = []
@@ -110,29 +96,48 @@ class ElasticSpanLayer(DynamicLayer):
         n = keys.shape[-2]
         self.spans = [max(1, int(s)) for s in self.spans_of(n)]
         self.capacity = [self.sinks + s for s in self.spans]
-        kept_keys, kept_values = [], []
+        kept_keys, kept_values, self.region = [], [], []
         for h, span in enumerate(self.spans):
-            if n <= self.sinks + span:
+            if n <= self.capacity[h]:
                 kept = torch.arange(n, device=keys.device)
             else:  # sinks, then the last `span` tokens in text order: slot sinks + 0 is the oldest
                 kept = torch.cat([torch.arange(self.sinks, device=keys.device), torch.arange(n - span, n, device=keys.device)])
-            # A head whose capacity exceeds the prompt gets its free slots now: decoding fills them in place.
-            spare = self.capacity[h] - len(kept)
+            # A head whose span outgrows the prompt gets a little room to decode into, not its whole
+            # span at once: a span longer than the text would otherwise hold empty slots.
+            region = min(self.capacity[h], len(kept) + GROWTH)
+            spare = region - len(kept)
             kept_keys += [keys[:, h, kept], keys.new_zeros(keys.shape[0], spare, keys.shape[-1])]
             kept_values += [values[:, h, kept], values.new_zeros(values.shape[0], spare, values.shape[-1])]
             self.lengths.append(len(kept))
+            self.region.append(region)
         self.keys, self.values = torch.cat(kept_keys, dim=1), torch.cat(kept_values, dim=1)
         self.write = [0] * len(self.spans)
-        self.host_offsets = [0, *np.cumsum(self.capacity).tolist()]  # kept on the host: no GPU read per step
-        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int32, device=keys.device)
-        self.lengths_tensor = torch.tensor(self.lengths, dtype=torch.int32, device=keys.device)
+        self._index_regions()
+
+    def _index_regions(self) -> None:
+        self.host_offsets = [0, *np.cumsum(self.region).tolist()]  # kept on the host: no GPU read per step
+        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int32, device=self.keys.device)
+        self.lengths_tensor = torch.tensor(self.lengths, dtype=torch.int32, device=self.keys.device)
+
+    def _grow(self, h: int) -> None:
+        """Give head h up to GROWTH more slots (a copy of the layer's buffer, once every GROWTH tokens)."""
+        extra = min(GROWTH, self.capacity[h] - self.region[h])
+        at = self.host_offsets[h + 1]
+        pad = self.keys.new_zeros(self.keys.shape[0], extra, self.keys.shape[-1])
+        self.keys = torch.cat([self.keys[:, :at], pad, self.keys[:, at:]], dim=1)
+        self.values = torch.cat([self.values[:, :at], pad, self.values[:, at:]], dim=1)
+        self.region[h] += extra
+        self._index_regions()
 
     def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        for h in range(len(self.spans)):
+            if self.lengths[h] == self.region[h] < self.capacity[h]:
+                self._grow(h)
         slots = []
         offsets = self.host_offsets
         for h, span in enumerate(self.spans):
             if self.lengths[h] < self.capacity[h]:
-                slots.append(offsets[h] + self.lengths[h])  # still filling: the prompt was shorter than the capacity
+                slots.append(offsets[h] + self.lengths[h])  # still filling: the text is shorter than the capacity
                 self.lengths[h] += 1
             else:  # full: overwrite the oldest window entry
                 slots.append(offsets[h] + self.sinks + self.write[h])

@@ -1,8 +1,8 @@
 """A uniform sliding window for every head: MoA's baseline at the same average density.
 
 The comparison MoA's paper draws (its "uniform" attention, as StreamingLLM's window with sinks):
-every KV head keeps `sinks` initial tokens and the same span, chosen so the causal density at the
-prompt's length equals `density`. It runs on the same per-head cache and attention as `moa`
+every KV head keeps `sinks` initial tokens and the same span, chosen so that sinks + span is
+`density` of the prompt: the share of the KV cache kept, the density MoA's plans are budgeted in. It runs on the same per-head cache and attention as `moa`
 (`elastic_attention`), so a front of the two compares the plans alone.
 """
 
@@ -24,7 +24,7 @@ class UniformWindow(ElasticSpans):
 
     name = "uniform_window"
     params = {
-        "density": Param("float", 0.5, low=0.001, high=1.0, doc="fraction of causal attention pairs kept at the prompt's length"),
+        "density": Param("float", 0.5, low=0.001, high=1.0, doc="share of the prompt's KV cache kept (sinks + span over N), as moa's density"),
         "sink_tokens": Param("int", 64, low=0, high=4096, doc="initial tokens every head keeps (MoA: one 64-token block)"),
     }
 
