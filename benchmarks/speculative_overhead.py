@@ -32,7 +32,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from paretoray.actors.generation import synchronize
 from paretoray.actors.metrics import device_name
 from paretoray.actors.techniques import build_technique
-from paretoray.actors.techniques.speculative import speculative_generate
 
 SHAPES = {
     # target, draft
@@ -114,8 +113,9 @@ def main() -> None:
         for gamma in args.gammas:
             technique = build_technique("specdec", {"gamma": gamma})
             verify_step = timed_forward(target, args.context, gamma + 1, device, args.repeats)
-            speculative_generate(technique, target, draft, prompt, 8, set())  # warm-up
-            run, syncs = count_syncs(lambda: speculative_generate(technique, target, draft, prompt, args.new_tokens, set()))
+            # Through the technique's own entry point, as actors call it (inference mode included).
+            technique.generate(target, prompt, 8, set(), draft=draft)  # warm-up
+            run, syncs = count_syncs(lambda: technique.generate(target, prompt, args.new_tokens, set(), draft=draft))
             rounds = run.stats["target_calls"]
             round_s = sum(run.step_s) / rounds
             forwards_s = gamma * draft_step + verify_step

@@ -227,6 +227,9 @@ def speculative_generate(
         sequence = prompt + committed
         # 1. draft: catch up on committed tokens it has not seen, then propose.
         pending = torch.tensor([sequence[draft_seen:]], device=device)
+        # Made now, while the device is idle after the last round's read: a host-to-device copy
+        # of a pageable tensor waits for the stream, so made after the draft steps it would stall.
+        last_token = torch.tensor([sequence[-1]], device=device)
         # Greedy proposals stay on the device (no sync per draft step); sampled ones need host ids.
         draft_tokens: list = []
         draft_dists: list[torch.Tensor] = []
@@ -252,7 +255,7 @@ def speculative_generate(
         # 2. target: one forward over the last committed token and every proposal.
         if generator is None:
             proposals = torch.stack(draft_tokens)
-            verified = torch.cat([torch.tensor([sequence[-1]], device=device), proposals])
+            verified = torch.cat([last_token, proposals])
         else:
             verified = torch.tensor([sequence[-1], *draft_tokens], device=device)
         logits = target(input_ids=verified[None], past_key_values=target_cache, use_cache=True).logits[0]
