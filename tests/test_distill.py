@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -86,6 +87,11 @@ def test_registry_draft_is_built_once_on_first_use(tiny_model_dir, tmp_path, mon
     assert (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns == stamp
     model, _ = models.load_model("tiny-draft", device="cpu")
     assert model.config.num_hidden_layers == 1
+    # Another recipe under the same name (a new release's) rebuilds instead of serving the old draft.
+    monkeypatch.setitem(models.DRAFTS, "tiny-draft", dataclasses.replace(models.DRAFTS["tiny-draft"], steps=3))
+    assert models.resolve("tiny-draft") == folder
+    assert (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "cache" / "models" / "tiny-draft" / models.RECIPE_FILE).read_text())["steps"] == 3
 
 
 def test_a_corpus_smaller_than_a_batch_is_one_batch():
@@ -95,3 +101,16 @@ def test_a_corpus_smaller_than_a_batch_is_one_batch():
     teacher = [(torch.zeros(len(s), 2), torch.zeros(len(s), 2, dtype=torch.long)) for s in sequences]
     ids, mask, _, _ = next(_batches(sequences, teacher, batch_size=8, pad=0, generator=torch.Generator().manual_seed(0)))
     assert ids.shape == (3, 4) and mask.sum() == 9
+
+
+def test_batches_group_similar_lengths_and_cover_the_corpus_once_per_pass():
+    from paretoray.actors.distill import _length_grouped
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = [[1] * n for n in torch.randint(10, 200, (64,), generator=generator).tolist()]
+    order = torch.randperm(64, generator=generator).tolist()
+    batches = _length_grouped(order, sequences, 4, generator)
+    assert sorted(i for batch in batches for i in batch) == list(range(64))
+    padded = sum(4 * max(len(sequences[i]) for i in batch) for batch in batches)
+    random_padded = sum(4 * max(len(sequences[i]) for i in order[s : s + 4]) for s in range(0, 64, 4))
+    assert padded < 0.8 * random_padded

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
 import sys
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ class DistilledDraft:
     head_steps: int
     description: str
     prompts_per_set: int = 48
-    head_prompts_per_set: int = 32
+    new_tokens: int = 64  # tokens the target samples per corpus prompt
+    head_prompts_per_set: int = 24
     seed: int = 0
 
 
@@ -68,12 +70,15 @@ DRAFTS: dict[str, DistilledDraft] = {
     "smollm2-135m-draft": DistilledDraft(
         target="smollm2-135m",
         layers=4,
-        steps=300,
+        steps=200,
         head_vocab=8192,
         head_steps=500,
         description="SmolLM2-135M's first 4 of 30 layers distilled from it (8K-token output layer), with a SpecDec++ head",
     ),
 }
+
+
+RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft it was built by
 
 
 def registry_names() -> list[str]:
@@ -118,14 +123,19 @@ def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
 def _distilled_dir(name: str, entry: DistilledDraft) -> Path:
     """Directory holding the registry draft and its head, trained on first use (minutes on a CPU)."""
     target = cache_root() / "models" / name
-    done = target / "acceptance_head.safetensors"
-    if done.exists():
+    recipe = json.dumps(asdict(entry), sort_keys=True)
+
+    def built() -> bool:  # a draft cached by another recipe (an older release) is rebuilt
+        stamp = target / RECIPE_FILE
+        return (target / "acceptance_head.safetensors").exists() and stamp.exists() and stamp.read_text() == recipe
+
+    if built():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Actors on one machine share the cache: one trains, the others wait for its result.
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
+        if built():
             return target
         from paretoray.actors.acceptance import train_acceptance_head
         from paretoray.actors.distill import train_draft
@@ -134,10 +144,11 @@ def _distilled_dir(name: str, entry: DistilledDraft) -> Path:
         model, tokenizer = load_model(entry.target, dtype="float32")
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         train_draft(model, tokenizer, staging, layers=entry.layers, steps=entry.steps, prompts_per_set=entry.prompts_per_set,
-                    head_vocab=entry.head_vocab, seed=entry.seed)
+                    new_tokens=entry.new_tokens, head_vocab=entry.head_vocab, seed=entry.seed)
         draft = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(model.device).eval()
         train_acceptance_head(model, draft, tokenizer, staging, prompts_per_set=entry.head_prompts_per_set,
                               steps=entry.head_steps, seed=entry.seed)
+        (staging / RECIPE_FILE).write_text(recipe)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
