@@ -26,6 +26,8 @@ examples:
   paretoray sweep resume quickstart                                     # after an interruption
   paretoray sweep run sweeps/quickstart.yaml --resume-if-exists         # run, or continue if it exists
   paretoray results quickstart --pareto --format json
+  paretoray report quickstart -o quickstart.html                        # the sweep's report page
+  paretoray report quickstart snapkv -o compare.html                    # fronts of several sweeps overlaid
   paretoray techniques                                                  # what can be swept
   paretoray ui --port 5000
 
@@ -78,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
     results.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _add_store_options(results)
+
+    report = commands.add_parser(
+        "report", help="write a sweep's report (or several sweeps overlaid) as one offline HTML page",
+        description="Pareto fronts over every pair of objectives, the front as a sortable table with run links, parameter "
+        "effects and importances, speculative-decoding curves and needle-in-a-haystack maps. Several names overlay their "
+        "fronts on the objectives they share; sweeps whose model, workload or machine differ are refused unless --force.")
+    report.add_argument("names", nargs="+", metavar="NAME", help="one sweep, or several to overlay")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--force", action="store_true", help="overlay sweeps even if their model, workload or machine differ")
+    report.add_argument("--mlflow-url", help="the MLflow UI that run links open (default: the tracking URI if it is a server, "
+                        "else http://127.0.0.1:5000, where `paretoray ui` serves)")
+    _add_store_options(report)
 
     commands.add_parser("techniques", help="list the registered techniques and their parameters")
 
@@ -223,6 +237,22 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from paretoray.dashboards import ReportError, write_report
+    from paretoray.dashboards.report import default_mlflow_url
+    from paretoray.orchestrator.stores import resolve_stores
+
+    stores = resolve_stores(args.tracking_uri, args.storage)
+    url = args.mlflow_url or default_mlflow_url(stores.tracking_uri)
+    command = "paretoray report " + " ".join(args.names) + (" --force" if args.force else "")
+    try:
+        out = write_report(args.names, stores, args.output, force=args.force, mlflow_url=url, command=command)
+    except ReportError as error:
+        return _fail(str(error))
+    print(f"report written to {out} ({out.stat().st_size / 2**20:.1f} MiB, opens offline); run links open {url}")
+    return 0
+
+
 def _techniques() -> int:
     from paretoray.actors.techniques import available_techniques
 
@@ -323,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     if args.command == "results":
         return _results(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "techniques":
         return _techniques()
     if args.command == "train-draft":
