@@ -55,7 +55,7 @@ def passkey_record(number: int, technique: str, params: dict, lengths: list[int]
     for n in lengths:
         mine = [s["correct"] for s in samples if s["context_length"] == n]
         metrics[f"accuracy/ctx{n}"] = sum(mine) / len(mine)
-    return {"trial": number, "technique": technique, "params": params, "status": "ok", "label": f"{technique}({params})" if params else technique,
+    return {"trial": number, "technique": technique, "params": params, "status": "ok", "label": technique + ("(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""),
             "metrics": metrics, "samples": samples, "baseline": {"latency_ms_per_token": 30.48, "ttft_ms": 5.0},
             "env": {"device_name": "test-cpu", "dtype": "float32", "torch_threads": 1}, "actor": {"node_ip": "127.0.0.1"}, "wall_s": 1.0}
 

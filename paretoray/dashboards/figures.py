@@ -223,7 +223,9 @@ def _reference_lines(fig: go.Figure, report: ReportData, x: str, y: str) -> None
         source, values = sweep.reference()
         if not values:
             continue
-        label = "dense" if source == "dense trial" else "dense baseline"
+        label = "autoregressive" if speculative_techniques(report) else "dense"
+        if source != "dense trial":
+            label += " baseline"
         if report.overlay:
             label += f" ({sweep.name})"
         if x in values:
