@@ -211,7 +211,7 @@ def test_single_sweep_report_matches_results(sweeps, stores, tmp_path, capsys):
         for metric in ("latency_ms_per_token", "accuracy"):
             assert row["metrics"][metric] == listed[row["trial"]]["metrics"][metric]
     experiment = MlflowClient(stores.tracking_uri).get_run(parent).info.experiment_id
-    assert f'data-route="#/experiments/{experiment}/runs/{rows[0]["run"]}"' in html
+    assert f'data-route="#/experiments/{experiment}/runs/{rows[0]["run"]}?workflowType=machine_learning"' in html
     assert 'data-mlflow-url="http://mlflow.example:5000/"' in html
 
     kinds = [f["kind"] for f in figures]

@@ -92,8 +92,8 @@ def mlflow_ui(sweep):
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "mlflow-ui.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "paretoray.orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", sweep.tracking_uri,
-         "--storage", sweep.storage],
+        [sys.executable, "-m", "paretoray.orchestrator.cli", "ui", "--port", str(port), "--workers", "1",
+         "--tracking-uri", sweep.tracking_uri, "--storage", sweep.storage],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -201,7 +201,7 @@ def test_report_page_in_chromium(browser, sweep, mlflow_ui, tmp_path, capsys):
         client = MlflowClient(sweep.tracking_uri)
         link = rows[0]
         run = client.get_run(link["run"])
-        assert link["href"].startswith(f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{link['run']}")
+        assert link["href"] == f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{link['run']}?workflowType=machine_learning"
         with page.expect_popup() as popup_info:
             page.locator("#front-table a.run-link").first.click()
         popup = popup_info.value
@@ -235,12 +235,13 @@ def test_mlflow_ui_lists_trials_and_opens_the_report(browser, sweep, mlflow_ui):
 
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     try:
-        # The experiment's runs: the sweep's parent run, its trial runs nested under it.
-        page.goto(f"{mlflow_ui}/#/experiments/{experiment}")
-        page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
-        expand = page.get_by_role("button", name="Expand child runs")
-        if expand.count():
-            expand.first.click()
+        # The experiment's runs ("Model training" view): the sweep's parent run, its trial runs nested under it.
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+        parent_cell = page.locator('[role="gridcell"]').filter(has_text=parent.info.run_name).first
+        parent_cell.wait_for(timeout=90_000)
+        for child in children:
+            assert page.get_by_text(child.info.run_name).count() == 0  # collapsed under the parent
+        parent_cell.locator("button").first.click()  # the expander beside the run's name
         for child in children:
             page.get_by_text(child.info.run_name).first.wait_for(timeout=30_000)
         shot(page, "mlflow-runs.png")
@@ -248,7 +249,7 @@ def test_mlflow_ui_lists_trials_and_opens_the_report(browser, sweep, mlflow_ui):
         # The parent run's artifacts: report.html renders inside MLflow's sandboxed viewer.
         page.goto(f"{mlflow_ui}/#/experiments/{experiment}/runs/{parent.info.run_id}/artifacts/report.html")
         frame = page.frame_locator("iframe.mlflow-html-iframe")
-        frame.locator('.plot[data-kind="pareto"] .main-svg').first.wait_for(timeout=60_000)
+        frame.locator('.plot[data-kind="pareto"] .main-svg').first.wait_for(timeout=90_000)
         assert frame.get_by_role("heading", name="The front").is_visible()
         inner = next(f for f in page.frames if f.url.startswith("blob:"))
         inner.evaluate("() => window.paretorayReport.ready")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -120,6 +122,21 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per download; a sweep's console would fill with them."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def record_loader(client: Any, cache: dict[str, dict[str, Any]] | None = None) -> Callable[[str], dict[str, Any] | None]:
     """Reads `trial.json` from a run's artifacts, once per run id."""
     cache = {} if cache is None else cache
@@ -127,7 +144,7 @@ def record_loader(client: Any, cache: dict[str, dict[str, Any]] | None = None) -
     def load(run_id: str) -> dict[str, Any] | None:
         if run_id not in cache:
             try:
-                with tempfile.TemporaryDirectory() as tmp:
+                with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
                     cache[run_id] = json.loads(Path(client.download_artifacts(run_id, RECORD_FILE, tmp)).read_text())
             except Exception:  # a run without its record (deleted, foreign): the figure says so
                 return None

@@ -108,20 +108,22 @@ def hover_text(point: dict[str, Any], objectives: list[str], overlay: bool) -> s
 
 
 def run_route(point: dict[str, Any]) -> str:
-    """The MLflow UI's hash route of a trial's run (the page prefixes the server's address)."""
+    """The MLflow UI's hash route of a trial's run (the page prefixes the server's address).
+    MLflow 3 opens in its GenAI view unless told otherwise; sweeps belong to "model training"."""
     if not point.get("mlflow_run_id") or not point.get("experiment_id"):
         return ""
-    return f"#/experiments/{point['experiment_id']}/runs/{point['mlflow_run_id']}"
+    return f"#/experiments/{point['experiment_id']}/runs/{point['mlflow_run_id']}?workflowType=machine_learning"
 
 
 def _layout(fig: go.Figure, height: int, **extra: Any) -> go.Figure:
+    # The legend sits at the top of the figure, above any subplot titles.
     fig.update_layout(
         template="plotly_white",
         height=height,
-        margin={"l": 70, "r": 20, "t": 40, "b": 60},
+        margin={"l": 70, "r": 20, "t": 80, "b": 60},
         font={"family": FONT, "size": 12},
         hoverlabel={"align": "left", "font": {"family": FONT, "size": 12}},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0, "title": None},
+        legend={"orientation": "h", "yref": "container", "yanchor": "top", "y": 1.0, "x": 0, "title": None},
         **extra,
     )
     return fig
@@ -233,7 +235,7 @@ def _reference_lines(fig: go.Figure, report: ReportData, x: str, y: str) -> None
                           annotation={"text": label, "font": {"size": 10, "color": REFERENCE_COLOUR}}, annotation_position="top")
         if y in values:
             fig.add_hline(y=values[y], line={"dash": "dot", "color": REFERENCE_COLOUR, "width": 1}, opacity=0.55,
-                          annotation={"text": label, "font": {"size": 10, "color": REFERENCE_COLOUR}}, annotation_position="right")
+                          annotation={"text": label, "font": {"size": 10, "color": REFERENCE_COLOUR}}, annotation_position="top left")
         return  # one reference per page: several would crowd every panel
 
 

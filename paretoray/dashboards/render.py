@@ -58,7 +58,7 @@ def _sweep_summary(sweep: SweepData) -> str:
     if workload.get("context_lengths"):
         task += f" at {esc(', '.join(map(str, workload['context_lengths'])))} tokens"
     parts.append(task)
-    if workload.get("query_placement"):
+    if workload.get("query_placement") and workload.get("context_lengths"):  # placement means nothing to decoding tasks
         parts.append(esc(workload["query_placement"].replace("_", "-")))
     env = sweep.env
     if env.get("device_name"):
@@ -165,8 +165,9 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
         for note in sweep.notes:
             header.append(f'<div class="warning">{esc(sweep.name)}: {esc(note)}</div>')
     header.append('<div class="sandbox-note" id="sandbox-note" hidden>This report is shown inside MLflow\'s artifact viewer, '
-                  "which does not let a page open other pages: to open a trial's run, right-click its link and choose "
-                  "<i>Open link in new tab</i>, or download the report and open it directly.</div>")
+                  "whose sandbox forbids a page to open other pages: clicking a run link does nothing here. Open the link from "
+                  "the browser's own menu (right click, <i>Open link in new tab</i>), find the trial by its number in the "
+                  "sweep's runs, or download the report and open it directly.</div>")
     page.parts.append("<header>" + "".join(header) + _cards(report, style) + "</header>")
 
     if not report.points:
@@ -263,7 +264,8 @@ header, section { background: #fff; border: 1px solid var(--line); border-radius
 .card-value small { font-size: 13px; font-weight: 400; color: var(--muted); }
 .card-note { font-size: 13px; }
 .card-note small { color: var(--muted); }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(520px, 100%), 1fr)); gap: 12px; }
+@media (max-width: 760px) { body { padding: 8px; } header, section { padding: 12px; } }
 .grid.single { grid-template-columns: 1fr; }
 .plot { min-height: 300px; }
 table.front { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }

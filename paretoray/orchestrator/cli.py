@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, help="server processes (default 1, enough for one person; mlflow's own default is 4)")
     _add_store_options(ui)
     return parser
 
@@ -339,8 +340,11 @@ def _ui(args: argparse.Namespace) -> int:
     stores = resolve_stores(args.tracking_uri, args.storage)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)", flush=True)
-    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)\n"
+          f"  sweeps and their trial runs: {url}/#/experiments?workflowType=machine_learning (MLflow's 'Model training' view)",
+          flush=True)
+    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers)]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
