@@ -345,8 +345,10 @@ def _ui(args: argparse.Namespace) -> int:
           flush=True)
     command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers)]
+    # MLflow's job runner (five more processes) serves its GenAI features; browsing sweeps needs none of it.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 
