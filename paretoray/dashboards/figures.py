@@ -62,9 +62,16 @@ def fmt(value: Any) -> str:
         return str(value)
     if not math.isfinite(value):
         return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if isinstance(value, int) or float(value).is_integer():
         return f"{value:g}"
     return f"{value:.4g}"
+
+
+def fmt_param(value: Any) -> str:
+    """A parameter's value as it was written in the spec (no thousands separators)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def unit(metric: str) -> str:
@@ -101,7 +108,7 @@ def hover_text(point: dict[str, Any], objectives: list[str], overlay: bool) -> s
     others = _shown_metrics(point, objectives)
     lines += [f"{name}: {fmt(value)} {unit(name)}" for name, value in others[:9]]
     if point["params"]:
-        lines.append("params: " + ", ".join(f"{k}={fmt(v)}" for k, v in point["params"].items()))
+        lines.append("params: " + ", ".join(f"{k}={fmt_param(v)}" for k, v in point["params"].items()))
     if point.get("mlflow_run_id"):
         lines.append("<i>click to open its MLflow run</i>")
     return "<br>".join(lines)
@@ -160,8 +167,9 @@ def _trials_trace(style: Style, sweep: str, technique: str, mine: list[dict[str,
         marker={
             "color": style.colour(technique),
             "symbol": [symbol if p["feasible"] else f"{symbol}-open" for p in mine],
-            "size": [(17 if technique == REFERENCE else 14) if f else 9 for f in front],
-            "opacity": [1.0 if f else 0.38 for f in front],
+            # The reference stays plain to see even when dominated: it is what every trial is read against.
+            "size": [17 if technique == REFERENCE else 14 if f else 9 for f in front],
+            "opacity": [1.0 if f else 0.85 if technique == REFERENCE else 0.38 for f in front],
             "line": {"width": [1.6 if f else 0 for f in front], "color": "#111111"},
         },
         **extra,
@@ -257,8 +265,12 @@ def _numeric(values: list[Any]) -> bool:
 def _param_axis(distribution: BaseDistribution, values: list[Any]) -> dict[str, Any]:
     if isinstance(distribution, CategoricalDistribution) and not _numeric(list(distribution.choices)):
         return {"type": "category"}
-    log = getattr(distribution, "log", False) or _log_scale([v for v in values if _numeric([v])])
-    return {"type": "log" if log else "linear"}
+    numbers = sorted({v for v in values if _numeric([v])})
+    log = getattr(distribution, "log", False) or _log_scale(numbers)
+    axis: dict[str, Any] = {"type": "log" if log else "linear"}
+    if 0 < len(numbers) <= 12 and log:  # a log axis's own ticks (2, 3, ..., 9 per decade) would hide the values tried
+        axis |= {"tickvals": numbers, "ticktext": [fmt_param(v) for v in numbers]}
+    return axis
 
 
 def _varied_per_technique(report: ReportData) -> dict[tuple[str, str], int]:
@@ -411,7 +423,7 @@ def heatmap_figure(report: ReportData, style: Style) -> tuple[go.Figure | None, 
         maps.append((point, cells))
     if not maps:
         return None, notes
-    cols = min(3, len(maps))
+    cols = max(2, min(3, len(maps)))  # one map alone would stretch across the page
     rows = math.ceil(len(maps) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_member_name(p, report.overlay) for p, _ in maps],
                         horizontal_spacing=0.06, vertical_spacing=min(0.14, 0.6 / rows))

@@ -128,7 +128,7 @@ def _table(report: ReportData, style: F.Style) -> str:
         cells.append(f'<td data-value="{p["trial"]}">{p["trial"]}</td>')
         cells.append(f'<td data-value="{esc(p["technique"])}"><span class="dot" style="background:{style.colour(p["technique"])}">'
                      f'</span>{esc(p["technique"])}</td>')
-        setting = ", ".join(f"{k}={F.fmt(v)}" for k, v in p["params"].items()) or "(no parameters)"
+        setting = ", ".join(f"{k}={F.fmt_param(v)}" for k, v in p["params"].items()) or "(no parameters)"
         cells.append(f'<td data-value="{esc(setting)}">{esc(setting)}</td>')
         for metric in report.objectives + extra:
             value = p["metrics"].get(metric)
