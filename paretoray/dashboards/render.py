@@ -262,7 +262,7 @@ header, section { background: #fff; border: 1px solid var(--line); border-radius
 .card-title { font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); }
 .card-value { font-size: 22px; font-weight: 600; }
 .card-value small { font-size: 13px; font-weight: 400; color: var(--muted); }
-.card-note { font-size: 13px; }
+.card-note { font-size: 13px; overflow-wrap: anywhere; }
 .card-note small { color: var(--muted); }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(520px, 100%), 1fr)); gap: 12px; }
 @media (max-width: 760px) { body { padding: 8px; } header, section { padding: 12px; } }
