@@ -158,6 +158,10 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
     header.append(f'<p class="meta">objectives: {esc(objectives)}'
                   + (f" (shared by all sweeps)" if report.overlay else "")
                   + (f" · {report.failed} failed trial(s) are not plotted" if report.failed else "") + "</p>")
+    timed = [o for o in report.objectives if o in ("latency_ms_per_token", "ttft_ms", "tokens_per_s")]
+    if report.overlay and timed:
+        header.append(f'<p class="meta">Across sweeps, {esc(", ".join(timed))} compare only if every sweep ran on an equally quiet '
+                      "machine; <code>speedup</code> (against dense measured in the same actor) travels better.</p>")
     if report.forced_differences:
         header.append('<div class="warning"><b>Overlaid with --force although these differ</b> (numbers may not be comparable):<ul>'
                       + "".join(f"<li>{esc(d)}</li>" for d in report.forced_differences) + "</ul></div>")
