@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # otherwise pull several GB of CUDA packages on a machine without a GPU.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast clean-runs
+.PHONY: venv demo test test-fast browser clean-runs
 
 venv: $(STAMP)
 
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml --resume-if-exists
 
-test: $(STAMP)
+test: $(STAMP) browser
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+
+# The report's browser tests drive Debian's Chromium through Playwright (which never downloads a
+# browser here). Installing it needs root and apt; without it those tests are skipped, saying why.
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: Chromium could not be installed (apt-get needs root); the browser tests will be skipped"
 
 test-fast: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow"

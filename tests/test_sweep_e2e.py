@@ -107,7 +107,7 @@ def test_sweep_records_trials_and_front(ray_session, tiny_model_dir, tmp_path, c
     assert front and front == {n for n, r in by_trial.items() if r.data.tags["pareto"] == "true"}
 
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"spec.json", "spec.yaml", "pareto_front.png", "pareto_front.html", "pareto_front.parquet", "trials.parquet"} <= artifacts
+    assert {"spec.json", "spec.yaml", "pareto_front.png", "report.html", "pareto_front.parquet", "trials.parquet"} <= artifacts
     local = Path(client.download_artifacts(parent, "pareto_front.parquet", str(tmp_path)))
     assert set(pl.read_parquet(local)["trial"].to_list()) == front
     png = Path(client.download_artifacts(parent, "pareto_front.png", str(tmp_path)))

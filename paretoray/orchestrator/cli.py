@@ -26,6 +26,8 @@ examples:
   paretoray sweep resume quickstart                                     # after an interruption
   paretoray sweep run sweeps/quickstart.yaml --resume-if-exists         # run, or continue if it exists
   paretoray results quickstart --pareto --format json
+  paretoray report quickstart -o quickstart.html                        # the sweep's report page
+  paretoray report quickstart snapkv -o compare.html                    # fronts of several sweeps overlaid
   paretoray techniques                                                  # what can be swept
   paretoray ui --port 5000
 
@@ -79,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _add_store_options(results)
 
+    report = commands.add_parser(
+        "report", help="write a sweep's report (or several sweeps overlaid) as one offline HTML page",
+        description="Pareto fronts over every pair of objectives, the front as a sortable table with run links, parameter "
+        "effects and importances, speculative-decoding curves and needle-in-a-haystack maps. Several names overlay their "
+        "fronts on the objectives they share; sweeps whose model, workload or machine differ are refused unless --force.")
+    report.add_argument("names", nargs="+", metavar="NAME", help="one sweep, or several to overlay")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--force", action="store_true", help="overlay sweeps even if their model, workload or machine differ")
+    report.add_argument("--mlflow-url", help="the MLflow UI that run links open (default: the tracking URI if it is a server, "
+                        "else http://127.0.0.1:5000, where `paretoray ui` serves)")
+    _add_store_options(report)
+
     commands.add_parser("techniques", help="list the registered techniques and their parameters")
 
     draft = commands.add_parser("train-draft", help="build a shallow draft for speculative decoding, distilled from the target",
@@ -129,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, help="server processes (default 1, enough for one person; mlflow's own default is 4)")
     _add_store_options(ui)
     return parser
 
@@ -223,6 +238,22 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from paretoray.dashboards import ReportError, write_report
+    from paretoray.dashboards.report import default_mlflow_url
+    from paretoray.orchestrator.stores import resolve_stores
+
+    stores = resolve_stores(args.tracking_uri, args.storage)
+    url = args.mlflow_url or default_mlflow_url(stores.tracking_uri)
+    command = "paretoray report " + " ".join(args.names) + (" --force" if args.force else "")
+    try:
+        out = write_report(args.names, stores, args.output, force=args.force, mlflow_url=url, command=command)
+    except ReportError as error:
+        return _fail(str(error))
+    print(f"report written to {out} ({out.stat().st_size / 2**20:.1f} MiB, opens offline); run links open {url}")
+    return 0
+
+
 def _techniques() -> int:
     from paretoray.actors.techniques import available_techniques
 
@@ -309,10 +340,15 @@ def _ui(args: argparse.Namespace) -> int:
     stores = resolve_stores(args.tracking_uri, args.storage)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)", flush=True)
-    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)\n"
+          f"  sweeps and their trial runs: {url}/#/experiments?workflowType=machine_learning (MLflow's 'Model training' view)",
+          flush=True)
+    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers)]
+    # MLflow's job runner (five more processes) serves its GenAI features; browsing sweeps needs none of it.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
 
@@ -323,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     if args.command == "results":
         return _results(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "techniques":
         return _techniques()
     if args.command == "train-draft":

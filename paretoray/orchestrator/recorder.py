@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from paretoray.dashboards import REPORT_FILE, live_report_html
 from paretoray.orchestrator import pareto
 from paretoray.orchestrator.stores import Stores
 
@@ -34,6 +36,7 @@ def _flat_params(record: dict[str, Any]) -> dict[str, str]:
 class Recorder:
     def __init__(self, stores: Stores, sweep: str):
         self.client = MlflowClient(tracking_uri=stores.tracking_uri)
+        self.tracking_uri = stores.tracking_uri
         self.sweep = sweep
         experiment = self.client.get_experiment_by_name(sweep)
         if experiment is None:
@@ -43,6 +46,7 @@ class Recorder:
         else:
             self.experiment_id = experiment.experiment_id
         self._pareto_tags: dict[str, str] = {}
+        self._records: dict[str, dict[str, Any]] = {}  # trial.json by run id, read once for the report
 
     # ---- the sweep ------------------------------------------------------------------------
 
@@ -170,8 +174,19 @@ class Recorder:
             table.write_parquet(folder / "trials.parquet")
             table.filter(table["pareto"]).write_parquet(folder / "pareto_front.parquet")
             title = f"{self.sweep}: Pareto front ({len(complete)} trials)"
-            pareto.plot_html(rows, objectives, title, folder / "pareto_front.html")
             pareto.plot_png(rows, objectives, title, folder / "pareto_front.png")
-            for name in ("trials.parquet", "pareto_front.parquet", "pareto_front.html", "pareto_front.png"):
+            names = ["trials.parquet", "pareto_front.parquet", "pareto_front.png"]
+            if self._write_report(study, parent_run_id, folder / REPORT_FILE):
+                names.append(REPORT_FILE)
+            for name in names:
                 self.client.log_artifact(parent_run_id, str(folder / name))
         return rows
+
+    def _write_report(self, study: optuna.Study, parent_run_id: str, path: Path) -> bool:
+        """The sweep's report page (paretoray.dashboards); a sweep never stops because it could not be drawn."""
+        try:
+            path.write_text(live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri), encoding="utf-8")
+            return True
+        except Exception as error:
+            print(f"warning: the sweep report could not be refreshed: {type(error).__name__}: {error}", file=sys.stderr)
+            return False

@@ -1,0 +1,295 @@
+"""Reports from real stores (Optuna and MLflow on SQLite), without Ray: trials are written by the
+controller's own ask/finish code with records shaped like the runner's, so the page is checked
+against what `paretoray results` prints. The browser tests (test_dashboards_browser.py) run a real
+sweep on Ray and look at the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from plotly.offline import get_plotlyjs
+
+from paretoray.dashboards import REPORT_FILE
+from paretoray.dashboards.data import front_of
+from paretoray.orchestrator import cli
+from paretoray.orchestrator.controller import PARENT_ATTR, SPEC_ATTR, Controller, make_sampler
+from paretoray.orchestrator.recorder import Recorder
+from paretoray.orchestrator.spec import parse
+from paretoray.orchestrator.stores import resolve_stores
+
+LENGTHS = [256, 512]
+DEPTHS = [0.1, 0.5, 0.9]
+
+
+def passkey_spec(name: str, techniques: dict, objectives: dict | None = None, lengths: list[int] = LENGTHS) -> dict:
+    return {
+        "name": name,
+        "model": {"id": "smollm2-135m", "dtype": "float32"},
+        "workload": {"task": "passkey", "context_lengths": lengths, "depths": DEPTHS, "samples_per_length": 1, "max_new_tokens": 4},
+        "techniques": techniques,
+        "objectives": objectives or {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
+        "sampler": {"name": "grid", "seed": 0},
+        "trials": 6,
+        "actors": {"count": 1},
+    }
+
+
+def passkey_record(number: int, technique: str, params: dict, lengths: list[int]) -> dict[str, Any]:
+    """A runner-shaped record: a window keeps the needle when it lies within the last `window` tokens."""
+    window = params.get("window") or params.get("max_capacity_prompt")
+    samples = []
+    for n in lengths:
+        for depth in DEPTHS:
+            kept = window is None or (1 - depth) * n <= window or technique == "snapkv"
+            samples.append({"sample_id": f"{n}/{depth}", "context_length": n, "depth": depth, "correct": float(kept),
+                            "output": "12345" if kept else "9", "ttft_ms": 5.0, "latency_ms_per_token": 10.0})
+    latency = 10.0 + (window or 2048) / 100
+    metrics = {"accuracy": sum(s["correct"] for s in samples) / len(samples), "latency_ms_per_token": latency,
+               "kv_cache_mb": (window or 1024) / 100, "speedup": 30.48 / latency, "ttft_ms": 5.0, "target_calls_per_token": 1.0}
+    for n in lengths:
+        mine = [s["correct"] for s in samples if s["context_length"] == n]
+        metrics[f"accuracy/ctx{n}"] = sum(mine) / len(mine)
+    return {"trial": number, "technique": technique, "params": params, "status": "ok", "label": technique + ("(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""),
+            "metrics": metrics, "samples": samples, "baseline": {"latency_ms_per_token": 30.48, "ttft_ms": 5.0},
+            "env": {"device_name": "test-cpu", "dtype": "float32", "torch_threads": 1}, "actor": {"node_ip": "127.0.0.1"}, "wall_s": 1.0}
+
+
+def decoding_record(number: int, technique: str, params: dict, lengths: list[int]) -> dict[str, Any]:
+    gamma = params.get("gamma", 0)
+    acceptance = 0.9 - 0.08 * gamma if technique == "specdec" else 0.0
+    calls = 1.0 / (1 + acceptance * gamma) if gamma else 1.0
+    metrics = {"latency_ms_per_token": 30.0 * calls + 2 * gamma, "target_calls_per_token": calls, "accuracy": 1.0,
+               "output_match": 1.0, "speedup": 30.0 / (30.0 * calls + 2 * gamma)}
+    if technique == "specdec":
+        metrics["acceptance_rate"] = acceptance
+    return {"trial": number, "technique": technique, "params": params, "status": "ok", "label": f"{technique}(gamma={gamma})" if gamma else technique,
+            "metrics": metrics, "samples": [], "baseline": {"latency_ms_per_token": 30.0, "ttft_ms": 5.0},
+            "env": {"device_name": "test-cpu", "dtype": "float32"}, "actor": {}, "wall_s": 1.0}
+
+
+def run_fake_sweep(stores, data: dict, make_record=passkey_record, snapshot_after: int | None = None, failing: tuple[str, Any] | None = None):
+    """The controller's loop without Ray: ask, build the runner's record here, finish, refresh the
+    front (here only where a test looks at it, and at the end, as the controller always does)."""
+    spec = parse(data, f"<{data['name']}>")
+    controller = Controller(spec, stores, spec_text="# test\n")
+    recorder = Recorder(stores, controller.name)
+    study = optuna.create_study(study_name=controller.name, storage=controller.storage, sampler=make_sampler(spec),
+                                directions=[spec.objectives[o] for o in controller.objectives])
+    study.set_user_attr(SPEC_ATTR, controller.spec_json)
+    study.set_user_attr("paretoray.objectives", controller.objectives)
+    parent = recorder.start_sweep(controller.spec_json, None)
+    study.set_user_attr(PARENT_ATTR, parent)
+    snapshot = None
+    for i in range(spec.trials):
+        trial, technique, params = controller._ask_new(study)
+        record = make_record(trial.number, technique, params, data["workload"].get("context_lengths", []))
+        if failing and (technique, params.get("window")) == failing:
+            record = record | {"status": "failed", "error": "RuntimeError: boom", "traceback": "Traceback: boom"}
+        controller._finish(study, recorder, parent, trial, record)
+        if snapshot_after is not None and i + 1 == snapshot_after:
+            recorder.update_front(parent, study, controller.objectives)
+            snapshot = logged_report(stores, parent)
+    recorder.update_front(parent, study, controller.objectives)
+    recorder.finish_sweep(parent)
+    return study, parent, snapshot
+
+
+def logged_report(stores, parent: str) -> str:
+    client = MlflowClient(stores.tracking_uri)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(parent, REPORT_FILE, tmp)).read_text()
+
+
+def figures_of(html: str) -> list[dict]:
+    blob = re.search(r'<script type="application/json" id="report-figures">(.*?)</script>', html, re.S).group(1)
+    return json.loads(blob)
+
+
+def trial_counts(figure: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trace in figure["data"]:
+        meta = trace.get("meta") or {}
+        if meta.get("role") == "trials":
+            key = f"{meta['sweep']}/{meta['technique']}"
+            counts[key] = counts.get(key, 0) + len(trace["x"])
+    return counts
+
+
+def table_rows(html: str) -> list[dict[str, Any]]:
+    rows = []
+    for match in re.finditer(r'<tr data-trial="(\d+)" data-sweep="([^"]*)">(.*?)</tr>', html, re.S):
+        values = {m.group(1): json.loads(m.group(2)) for m in re.finditer(r'data-metric="([^"]+)" data-value="([^"]*)"', match.group(3))}
+        run = re.search(r'data-run-id="([^"]+)"', match.group(3))
+        rows.append({"trial": int(match.group(1)), "sweep": match.group(2), "metrics": values, "run": run.group(1) if run else None})
+    return rows
+
+
+def results_json(capsys, stores, name: str, pareto: bool = True) -> list[dict]:
+    capsys.readouterr()
+    flags = ["--pareto"] if pareto else []
+    assert cli.main(["results", name, *flags, "--format", "json", "--tracking-uri", stores.tracking_uri, "--storage", stores.storage]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def report(capsys, stores, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    out = tmp_path / "report.html"
+    out.unlink(missing_ok=True)
+    capsys.readouterr()
+    code = cli.main(["report", *args, "-o", str(out), "--tracking-uri", stores.tracking_uri, "--storage", stores.storage])
+    captured = capsys.readouterr()
+    return code, out.read_text() if out.exists() else "", captured.err
+
+
+QUICK = {"dense": {}, "streaming_llm": {"n_sink": 4, "window": [32, 64, 128, 256, 512]}}
+THREE = {"latency_ms_per_token": "minimize", "accuracy": "maximize", "kv_cache_mb": "minimize"}
+SNAP = {"snapkv": {"max_capacity_prompt": [64, 128, 256]}, "streaming_llm": {"n_sink": 4, "window": [48, 96]}}
+DECODING = {
+    "name": "spec",
+    "model": {"id": "smollm2-135m", "draft": "smollm2-135m-draft"},
+    "workload": {"task": "instructions", "samples_per_length": 2, "max_new_tokens": 16},
+    "techniques": {"dense": {}, "specdec": {"gamma": [1, 2, 3, 4, 6]}},
+    "objectives": {"latency_ms_per_token": "minimize", "target_calls_per_token": "minimize"},
+    "sampler": {"name": "grid"},
+    "trials": 6,
+}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """One pair of stores holding every sweep these tests read (an MLflow store takes seconds to create)."""
+    return resolve_stores(home=str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def sweeps(stores):
+    return {
+        "quick": run_fake_sweep(stores, passkey_spec("quick", QUICK), snapshot_after=3, failing=("streaming_llm", 64)),
+        "short": run_fake_sweep(stores, passkey_spec("short", QUICK)),
+        "long": run_fake_sweep(stores, passkey_spec("long", QUICK, lengths=[256, 1024])),
+        "snap": run_fake_sweep(stores, passkey_spec("snap", SNAP, objectives=THREE) | {"trials": 5}),
+        "other": run_fake_sweep(stores, passkey_spec("other", QUICK, objectives={"kv_cache_mb": "minimize", "speedup": "maximize"})),
+        "spec": run_fake_sweep(stores, DECODING, make_record=decoding_record),
+    }
+
+
+def test_single_sweep_report_matches_results(sweeps, stores, tmp_path, capsys):
+    study, parent, _ = sweeps["quick"]
+    code, html, _ = report(capsys, stores, tmp_path, "quick", "--mlflow-url", "http://mlflow.example:5000")
+    assert code == 0
+
+    # Offline: plotly.js inlined exactly once, nothing fetched from elsewhere.
+    assert html.count(get_plotlyjs()) == 1
+    shell = html.replace(get_plotlyjs(), "")
+    assert not re.search(r"<script[^>]+src=", shell) and "cdn" not in shell.lower() and "https://" not in shell
+
+    figures = figures_of(html)
+    pareto_panels = [f for f in figures if f["kind"] == "pareto"]
+    assert len(pareto_panels) == 1  # two objectives: one pair
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    expected = {}
+    for t in complete:
+        key = f"quick/{t.user_attrs['technique']}"
+        expected[key] = expected.get(key, 0) + 1
+    assert trial_counts(pareto_panels[0]["figure"]) == expected
+    assert sum(expected.values()) == 5  # the failed trial is not plotted, and the header says so
+    assert "1 failed trial(s) are not plotted" in html
+
+    # The table is the front `results --pareto` prints: same trials, same objective values, same runs.
+    listed = {row["trial"]: row for row in results_json(capsys, stores, "quick")}
+    rows = table_rows(html)
+    assert {r["trial"] for r in rows} == set(listed)
+    for row in rows:
+        assert row["run"] == listed[row["trial"]]["mlflow_run_id"]
+        for metric in ("latency_ms_per_token", "accuracy"):
+            assert row["metrics"][metric] == listed[row["trial"]]["metrics"][metric]
+    experiment = MlflowClient(stores.tracking_uri).get_run(parent).info.experiment_id
+    assert f'data-route="#/experiments/{experiment}/runs/{rows[0]["run"]}?workflowType=machine_learning"' in html
+    assert 'data-mlflow-url="http://mlflow.example:5000/"' in html
+
+    kinds = [f["kind"] for f in figures]
+    assert "effects" in kinds and "importance" in kinds and "context" in kinds and "niah" in kinds
+    assert "decoding" not in kinds  # no speculative technique in this sweep
+    niah = next(f for f in figures if f["kind"] == "niah")["figure"]
+    assert {t["meta"]["trial"] for t in niah["data"]} == set(listed)  # one map per front member
+    for heatmap in niah["data"]:  # depth down, length across, the share of samples answered
+        member = listed[heatmap["meta"]["trial"]]
+        samples = passkey_record(0, member["technique"], member["params"], LENGTHS)["samples"]
+        assert heatmap["z"] == [[s["correct"] for s in samples if s["depth"] == d] for d in DEPTHS]
+        assert heatmap["x"] == [str(n) for n in LENGTHS] and heatmap["y"] == ["10%", "50%", "90%"]
+
+
+def test_report_logged_mid_sweep_grows_with_the_sweep(sweeps, stores):
+    _, parent, snapshot = sweeps["quick"]
+    early = trial_counts(next(f for f in figures_of(snapshot) if f["kind"] == "pareto")["figure"])
+    final_html = logged_report(stores, parent)
+    final = trial_counts(next(f for f in figures_of(final_html) if f["kind"] == "pareto")["figure"])
+    assert sum(early.values()) == 2 and sum(final.values()) == 5  # the third trial failed
+    assert "sweep running" in snapshot and "sweep running" not in final_html
+    assert "pareto_front.html" not in {a.path for a in MlflowClient(stores.tracking_uri).list_artifacts(parent)}
+
+
+def test_overlay_refuses_different_workloads_unless_forced(sweeps, stores, tmp_path, capsys):
+    code, html, err = report(capsys, stores, tmp_path, "short", "long")
+    assert code == 2 and not html
+    assert "cannot overlay sweeps 'short' and 'long'" in err
+    assert "workload.context_lengths: [256, 512] in 'short' vs [256, 1024] in 'long'" in err and "--force" in err
+
+    code, html, _ = report(capsys, stores, tmp_path, "short", "long", "--force")
+    assert code == 0
+    assert "Overlaid with --force" in html and "workload.context_lengths" in html
+    panel = next(f for f in figures_of(html) if f["kind"] == "pareto")["figure"]
+    assert trial_counts(panel) == {"short/dense": 1, "short/streaming_llm": 5, "long/dense": 1, "long/streaming_llm": 5}
+
+
+def test_overlay_of_comparable_sweeps_on_shared_objectives(sweeps, stores, tmp_path, capsys):
+    code, html, _ = report(capsys, stores, tmp_path, "short", "snap")
+    assert code == 0, html
+    figures = figures_of(html)
+    panels = [f for f in figures if f["kind"] == "pareto"]
+    assert len(panels) == 1  # shared objectives: latency and accuracy
+    assert trial_counts(panels[0]["figure"]) == {"short/dense": 1, "short/streaming_llm": 5, "snap/snapkv": 3, "snap/streaming_llm": 2}
+    # The page's front is the front of both sweeps together (checked here by brute force).
+    points = [(name, p["trial"], p["metrics"]["latency_ms_per_token"], p["metrics"]["accuracy"])
+              for name in ("short", "snap") for p in results_json(capsys, stores, name, pareto=False)]
+    expected = {(n, t) for n, t, lat, acc in points
+                if not any(l2 <= lat and a2 >= acc and (l2, a2) != (lat, acc) for _, _, l2, a2 in points)}
+    rows = table_rows(html)
+    assert {(r["sweep"], r["trial"]) for r in rows} == expected
+    assert {"short", "snap"} == {n for n, _ in expected}  # SnapKV keeps the needle cheaper; the smallest window is fastest
+    lines = [t["meta"]["sweep"] for t in panels[0]["figure"]["data"] if (t.get("meta") or {}).get("role") == "front-line"]
+    assert sorted(lines) == ["short", "snap"]  # each sweep's own front still drawn
+
+    code, _, err = report(capsys, stores, tmp_path, "short", "nope")
+    assert code == 2 and "no sweep named 'nope'" in err
+
+
+def test_no_shared_objective_is_refused(sweeps, stores, tmp_path, capsys):
+    code, _, err = report(capsys, stores, tmp_path, "short", "other")
+    assert code == 2 and "share no objective" in err and "short: latency_ms_per_token, accuracy" in err
+
+
+def test_decoding_sweep_shows_acceptance_and_speedup(sweeps, stores, tmp_path, capsys):
+    code, html, _ = report(capsys, stores, tmp_path, "spec")
+    assert code == 0
+    kinds = {f["kind"]: f["figure"] for f in figures_of(html)}
+    assert "context" not in kinds and "niah" not in kinds
+    decoding = kinds["decoding"]
+    titles = [a["text"] for a in decoding["layout"]["annotations"]]
+    assert "acceptance_rate vs gamma (specdec)" in titles and "speedup vs gamma (specdec)" in titles
+    assert sum(len(t["x"]) for t in decoding["data"] if (t.get("meta") or {}).get("technique") == "specdec") == 2 * 5
+
+
+def test_front_of_is_optunas_front():
+    def point(latency, accuracy, feasible=True):
+        return {"metrics": {"latency_ms_per_token": latency, "accuracy": accuracy}, "feasible": feasible}
+
+    points = [point(10, 0.5), point(20, 1.0), point(15, 0.4), point(5, 1.0, feasible=False)]
+    assert front_of(points, ["latency_ms_per_token", "accuracy"], {"latency_ms_per_token": "minimize", "accuracy": "maximize"}) == {0, 1}
