@@ -28,6 +28,3 @@ def test_front_frame_and_plots(tmp_path):
     assert frame.columns[:6] == ["trial", "state", "technique", "label", "latency_ms_per_token", "accuracy"]
     png = pareto.plot_png(ROWS, objectives, "t", tmp_path / "f.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    html = pareto.plot_html(ROWS, objectives, "t", tmp_path / "f.html").read_text()
-    assert "<script src=\"http" not in html and len(html) > 1_000_000  # plotly.js inlined: opens offline
-    assert "snapkv#2" in html and "streaming_llm" in html

@@ -1,8 +1,8 @@
 """A sweep's trials as a table and its Pareto front as plots.
 
 The front is Optuna's (`study.best_trials`: non-dominated among feasible trials); nothing here
-sorts by domination itself. Tables are polars frames; plots are plotly (HTML, self-contained)
-and matplotlib (PNG).
+sorts by domination itself. Tables are polars frames; the PNG plot is matplotlib (the interactive page is
+`paretoray.dashboards`).
 """
 
 from __future__ import annotations
@@ -111,45 +111,6 @@ def _front_line(points: list[dict[str, Any]], objectives: list[str]) -> tuple[li
 
 def _front_label(objectives: list[str]) -> str:
     return "Pareto front" if len(objectives) <= 2 else f"Pareto front (over all {len(objectives)} objectives)"
-
-
-def plot_html(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
-    """Interactive front: one colour per technique, dominated trials faded, hover shows params."""
-    import plotly.graph_objects as go
-
-    x, y = objectives[0], objectives[1] if len(objectives) > 1 else objectives[0]
-    points = _complete(rows, x, y)
-    fig = go.Figure()
-    for technique in sorted({r["technique"] for r in points}):
-        mine = [r for r in points if r["technique"] == technique]
-        fig.add_trace(
-            go.Scatter(
-                x=[r["metrics"][x] for r in mine],
-                y=[r["metrics"][y] for r in mine],
-                mode="markers",
-                name=technique,
-                marker={
-                    "size": [13 if r["pareto"] else 8 for r in mine],
-                    "opacity": [1.0 if r["pareto"] else 0.3 for r in mine],
-                    "line": {"width": [1.5 if r["pareto"] else 0 for r in mine], "color": "black"},
-                },
-                text=[
-                    f"trial {r['trial']}{' (Pareto)' if r['pareto'] else ''}<br>{r['label']}<br>"
-                    + "<br>".join(f"{k}: {v:.4g}" for k, v in r["objectives"].items() if v is not None)
-                    for r in mine
-                ],
-                hoverinfo="text",
-            )
-        )
-    line = _front_line(points, objectives)
-    if line is not None:
-        fx, fy, where = line
-        shape = "hv" if where == "post" else "vh"
-        fig.add_trace(go.Scatter(x=fx, y=fy, mode="lines", name="Pareto front", line={"shape": shape, "dash": "dot", "color": "gray"}))
-    fig.update_layout(title=f"{title}<br><sup>large outlined markers: {_front_label(objectives)}</sup>",
-                      xaxis_title=_axis_title(x), yaxis_title=_axis_title(y), template="plotly_white")
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
-    return path
 
 
 def plot_png(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
