@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # otherwise pull several GB of CUDA packages on a machine without a GPU.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast clean-runs
+.PHONY: venv demo test test-fast test-cluster clean-runs
 
 venv: $(STAMP)
 
@@ -29,7 +29,13 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow"
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow and not cluster"
+
+# A two-node Ray cluster on this machine (ray start x2, logical GPUs), killed actors, nodes and
+# controllers, a Ray job and Ray Client, an MLflow server, PostgreSQL stores (installed from
+# Debian's packages when missing and run as root; skipped with the reason where it cannot be).
+test-cluster: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m cluster
 
 clean-runs:
 	rm -rf paretoray-runs

@@ -57,6 +57,7 @@ class SweepResult:
     trials_retried: int = 0  # times a trial was sent again because its actor died
     actors_replaced: int = 0
     controller_busy_s: float = 0.0  # the trial loop's time outside `ray.wait` (see `overhead_ms_per_trial`)
+    loop_s: float = 0.0  # the trial loop's wall time: from the first trial asked to the last one recorded
 
     @property
     def overhead_ms_per_trial(self) -> float:
@@ -199,6 +200,7 @@ class _LoopStats:
     failed: int = 0
     retried: int = 0
     busy_s: float = 0.0
+    wall_s: float = 0.0
 
 
 def _note_gpus_unused(actors: list[PoolActor]) -> None:
@@ -297,6 +299,7 @@ class Controller:
         return SweepResult(
             self.name, done_before + loop.finished, loop.failed, rows, parent, time.perf_counter() - started,
             trials_run=loop.finished, trials_retried=loop.retried, actors_replaced=pool.replaced, controller_busy_s=loop.busy_s,
+            loop_s=loop.wall_s,
         )
 
     def in_flight(self) -> list[InFlightTrial]:
@@ -331,6 +334,7 @@ class Controller:
         `max_trial_retries + 1` times; then it is recorded as failed with every reason.
         """
         stats = _LoopStats()
+        loop_started = time.perf_counter()
         retries: deque[_Dispatch] = deque()
         in_flight = self._in_flight
         max_retries = self.spec.actors.max_trial_retries
@@ -391,6 +395,7 @@ class Controller:
             bar.update(1)
             bar.set_postfix_str(self._progress_note(rows), refresh=True)
         stats.busy_s += time.perf_counter() - busy_from
+        stats.wall_s = time.perf_counter() - loop_started
         return stats
 
     def _send(self, dispatch: _Dispatch, actor: PoolActor) -> None:

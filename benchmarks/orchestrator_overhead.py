@@ -1,0 +1,161 @@
+"""The controller's own cost: trials per second through it, and its overhead per trial.
+
+    python benchmarks/orchestrator_overhead.py                       # 1, 4 and 16 actors, sleep 0 and 0.5 s
+    python benchmarks/orchestrator_overhead.py --actors 4 --sleep-s 0.2 --repeats 5
+
+Every trial is the registered `noop` technique: the actor sleeps `sleep_s` and returns a
+synthetic record, so the trial costs the controller what any trial does (an Optuna ask, a Ray
+call, an MLflow run with metrics, params, tags and the record as an artifact, an Optuna tell,
+the front's tags) and nothing else. The real `Controller` runs it on real Ray actors, with Optuna
+and MLflow on SQLite files under a temporary folder, the random sampler.
+
+Figures per actor count (k) and sleep:
+- `trials_per_s`: trials finished / the trial loop's wall time (from the first ask to the last
+  trial recorded; the actors' start and the final front artifacts are outside it).
+- `overhead_ms_per_trial`: the controller's own time per trial: the loop's wall time minus the
+  time it spent blocked in `ray.wait` (`SweepResult.overhead_ms_per_trial`).
+- `ideal_trials_per_s`: k / sleep_s, what actors that never wait for the controller would reach.
+
+The peer is Ray Tune (`tune.Tuner` with `OptunaSearch` on Optuna's RandomSampler, the same two
+objectives, `max_concurrent_trials=k`, the same CPU share per trial) on the same objective: sleep,
+then report the same synthetic metrics. Its figure is trials / `Tuner.fit()` wall time; Tune keeps
+its study in memory and writes its own result files, where paretoray writes SQLite and MLflow.
+
+A warm-up run per configuration is discarded, then `--repeats` runs; the median is reported. The
+last stdout line is one JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.tiny: the offline tiny model the actors load (noop never runs it)
+
+import ray  # noqa: E402
+
+from paretoray.orchestrator.controller import Controller  # noqa: E402
+from paretoray.orchestrator.spec import parse  # noqa: E402
+from paretoray.orchestrator.stores import resolve_stores  # noqa: E402
+
+OBJECTIVES = {"latency_ms_per_token": "minimize", "accuracy": "maximize"}
+
+
+def noop_metrics(knob: float) -> dict[str, float]:
+    latency_ms = 1.0 + 9.0 * knob**2  # the noop technique's curve
+    return {"accuracy": knob, "latency_ms_per_token": latency_ms}
+
+
+def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: int, sleep_s: float, cpus: float) -> dict:
+    spec = parse(
+        {
+            "name": name,
+            "model": {"id": str(model_dir), "dtype": "float32"},
+            "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1},
+            "techniques": {"noop": {"sleep_s": sleep_s, "knob": {"low": 0.0, "high": 1.0}}},
+            "objectives": OBJECTIVES,
+            "sampler": {"name": "random", "seed": 0},
+            "trials": trials,
+            "actors": {"count": actors, "num_cpus": cpus},
+        },
+        f"<{name}>",
+    )
+    started = time.perf_counter()
+    result = Controller(spec, resolve_stores(home=str(home))).run(progress=False)
+    return {
+        "trials": result.trials_run,
+        "trials_per_s": result.trials_run / result.loop_s,
+        "overhead_ms_per_trial": result.overhead_ms_per_trial,
+        "end_to_end_s": time.perf_counter() - started,
+    }
+
+
+def run_tune(folder: Path, actors: int, trials: int, sleep_s: float, cpus: float) -> dict:
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    def objective(config: dict) -> dict[str, float]:
+        time.sleep(sleep_s)
+        return noop_metrics(config["knob"])
+
+    search = OptunaSearch(
+        metric=list(OBJECTIVES), mode=["min", "max"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(objective, {"cpu": cpus}),
+        param_space={"knob": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=trials, max_concurrent_trials=actors),
+        run_config=tune.RunConfig(storage_path=str(folder), verbose=0),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    wall = time.perf_counter() - started
+    assert len(results) == trials and not results.errors, results.errors
+    return {"trials": trials, "trials_per_s": trials / wall, "end_to_end_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--sleep-s", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--trials-per-actor", type=int, default=8, help="trials per run = max(--min-trials, this x actors)")
+    parser.add_argument("--min-trials", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="Ray's CPUs, shared by the actors")
+    parser.add_argument("--no-tune", action="store_true", help="skip the Ray Tune peer")
+    args = parser.parse_args()
+
+    from tests.tiny import save_tiny_llama
+
+    folder = Path(tempfile.mkdtemp(prefix="orchestrator-overhead-"))
+    model_dir = save_tiny_llama(folder / "tiny-llama")
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    rows = []
+    for sleep_s in args.sleep_s:
+        for actors in args.actors:
+            trials = max(args.min_trials, args.trials_per_actor * actors)
+            share = args.cpus / max(actors, 1)
+            for system in ("paretoray", *(() if args.no_tune else ("ray_tune",))):
+                runs = []
+                for repeat in range(args.repeats + 1):  # the first is the warm-up
+                    tag = f"k{actors}-s{sleep_s:g}-r{repeat}"
+                    if system == "paretoray":
+                        run = run_paretoray(model_dir, folder / "stores", f"bench-{tag}", actors, trials, sleep_s, share)
+                    else:
+                        run = run_tune(folder / "tune" / tag, actors, trials, sleep_s, share)
+                    if repeat:
+                        runs.append(run)
+                row = {"system": system, "actors": actors, "sleep_s": sleep_s, "trials": trials,
+                       "ideal_trials_per_s": actors / sleep_s if sleep_s else None}
+                for key in runs[0]:
+                    if key != "trials":
+                        row[key] = statistics.median(r[key] for r in runs)
+                rows.append(row)
+                overhead = f"{row['overhead_ms_per_trial']:.1f} ms/trial" if "overhead_ms_per_trial" in row else ""
+                print(f"{system:<10} k={actors:<3} sleep {sleep_s:g} s  {row['trials_per_s']:8.2f} trials/s  {overhead}",
+                      flush=True)
+    ray.shutdown()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    print(json.dumps({
+        "benchmark": "orchestrator_overhead", "commit": commit, "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "ray": ray.__version__,
+        "repeats": args.repeats, "rows": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()
