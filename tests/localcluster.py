@@ -275,19 +275,18 @@ def start_postgres(folder: Path, timeout_s: float = 60.0) -> tuple[str, Server]:
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
     server = Server(process, f"postgresql://postgres@127.0.0.1:{port}", log)
-    import psycopg2
+    import psycopg
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+            connection = psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True)
             break
-        except psycopg2.OperationalError:
+        except psycopg.OperationalError:
             if process.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 raise PostgresUnavailable(f"the server did not start: {log.read_text()[-1000:]}") from None
             time.sleep(0.3)
-    connection.autocommit = True
     with connection.cursor() as cursor:
         for database in ("optuna", "mlflow"):
             cursor.execute(f"CREATE DATABASE {database}")

@@ -266,7 +266,7 @@ def test_sweep_submitted_as_a_ray_job_records_to_the_tracking_server(ray_cluster
                   f"--tracking-uri {mlflow_server.url} --storage sqlite:///{tmp_path / 'optuna.db'}")
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     deadline = time.monotonic() + 240
-    while (status := client.get_job_status(job)) not in JobStatus.TERMINAL_STATES:  # noqa: SIM113
+    while not (status := client.get_job_status(job)).is_terminal():
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(1)
     logs = client.get_job_logs(job)

@@ -6,7 +6,7 @@ Embedded defaults put both on SQLite under `./paretoray-runs/` (override the fol
 starting with `journal:`) is Optuna's crash-safe journal file.
 
 On a cluster both stores go on PostgreSQL (`postgresql://user:password@host:5432/db`, with the
-`cluster` extra's psycopg2), or the tracking URI is an MLflow server (`http://HEAD:5000`), which
+`cluster` extra's psycopg), or the tracking URI is an MLflow server (`http://HEAD:5000`), which
 then also keeps the artifacts. For a database tracking URI, artifacts go to
 `PARETORAY_ARTIFACT_ROOT` when set (an `s3://` or shared-folder URI that `paretoray ui` can read
 from elsewhere), else to `artifacts/` beside the local stores.
@@ -28,12 +28,13 @@ class StoreError(ValueError):
 
 
 def _check_driver(url: str, flag: str) -> None:
-    if url.startswith(("postgresql", "postgres://")):
+    # SQLAlchemy 2.1 reads plain postgresql:// URLs with psycopg 3 (postgresql+psycopg2:// picks psycopg2).
+    if url.startswith(("postgresql://", "postgresql+psycopg://")):
         try:
-            import psycopg2  # noqa: F401
+            import psycopg  # noqa: F401
         except ImportError:
-            raise StoreError(f"{flag} {url.split('@')[-1]!r} is PostgreSQL, which needs psycopg2: "
-                             "pip install 'paretoray[cluster]' (or psycopg2-binary)") from None
+            raise StoreError(f"{flag} {url.split('@')[-1]!r} is PostgreSQL, which needs psycopg: "
+                             "pip install 'paretoray[cluster]' (or 'psycopg[binary]')") from None
 
 
 @dataclass(frozen=True)
