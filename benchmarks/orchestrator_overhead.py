@@ -98,7 +98,8 @@ def run_tune(folder: Path, actors: int, trials: int, sleep_s: float, cpus: float
     tuner = tune.Tuner(
         tune.with_resources(objective, {"cpu": cpus}),
         param_space={"knob": tune.uniform(0.0, 1.0)},
-        tune_config=tune.TuneConfig(search_alg=search, num_samples=trials, max_concurrent_trials=actors),
+        # reuse_actors: one trainable actor per slot, as paretoray keeps one actor per slot
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=trials, max_concurrent_trials=actors, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(folder), verbose=0),
     )
     started = time.perf_counter()
@@ -112,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--sleep-s", type=float, nargs="+", default=[0.0, 0.5])
-    parser.add_argument("--trials-per-actor", type=int, default=8, help="trials per run = max(--min-trials, this x actors)")
+    parser.add_argument("--trials-per-actor", type=int, default=4, help="trials per run = max(--min-trials, this x actors)")
     parser.add_argument("--min-trials", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="Ray's CPUs, shared by the actors")

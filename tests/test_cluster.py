@@ -142,8 +142,7 @@ def test_fractional_gpus_pack_and_multi_gpu_actors_take_a_node(ray_cluster, tiny
     finally:
         halves.shutdown()
 
-    whole = ActorPool(parse(noop_spec(tiny_model_dir, "pair", trials=1, count=2, sleep_s=0, num_gpus=2), "<pair>"),
-                      start_timeout_s=20)
+    whole = ActorPool(parse(noop_spec(tiny_model_dir, "pair", trials=1, count=2, sleep_s=0, num_gpus=2), "<pair>"))
     try:
         actors = whole.start(2)
         # each actor reserved both GPUs of one node (a STRICT_PACK placement group per actor)
@@ -151,8 +150,8 @@ def test_fractional_gpus_pack_and_multi_gpu_actors_take_a_node(ray_cluster, tiny
         assert {actor.info["node_id"] for actor in actors} == {head, a}
         assert all(actor.placed.placement_group is not None for actor in actors)
         # a third would need a third node with 2 free GPUs: a clear error, not a hang
-        with pytest.raises(ActorStartError, match="did not start within 20 s: the cluster may lack 1.0 CPU / 2.0 GPU"):
-            ActorPool(whole.spec, start_timeout_s=20).start(1)
+        with pytest.raises(ActorStartError, match="did not start within 10 s: the cluster may lack 1.0 CPU / 2.0 GPU"):
+            ActorPool(whole.spec, start_timeout_s=10).start(1)
     finally:
         whole.shutdown()
     deadline = time.monotonic() + 20
@@ -202,7 +201,7 @@ def test_killed_actor_trial_is_retried_then_recorded_failed(ray_cluster, tiny_mo
 
 def test_controller_killed_mid_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tiny_model_dir, tmp_path):
     spec_path = tmp_path / "resumable.yaml"
-    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "resumable", trials=6, count=2, sleep_s=1.5)))
+    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "resumable", trials=5, count=2, sleep_s=1.0)))
     stores = resolve_stores(home=str(tmp_path / "runs"))
     flags = ["--tracking-uri", stores.tracking_uri, "--storage", stores.storage, "--no-progress"]
     command = [sys.executable, "-m", "paretoray.orchestrator.cli", "sweep", "run", str(spec_path),
@@ -248,9 +247,9 @@ def test_controller_killed_mid_sweep_resumes_without_rerun_or_duplicates(ray_clu
         else:  # its result had reached MLflow before the kill: adopted
             assert trials[number].state == TrialState.COMPLETE
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")]
-    assert len(finished) == 6
+    assert len(finished) == 5
     runs = child_runs(stores.tracking_uri, "resumable")
-    assert_each_trial_logged_once(runs, 6)
+    assert_each_trial_logged_once(runs, 5)
     assert {r.info.run_id for r in runs} >= set(finished_before.values())
     assert MlflowClient(stores.tracking_uri).get_run(study.user_attrs[PARENT_ATTR]).info.status == "FINISHED"
 
@@ -259,7 +258,7 @@ def test_sweep_submitted_as_a_ray_job_records_to_the_tracking_server(ray_cluster
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     spec_path = tmp_path / "job.yaml"
-    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "job", trials=3, count=2, sleep_s=0.2)))
+    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "job", trials=3, count=1, sleep_s=0.1)))
     # What `ray job submit --address http://HEAD:8265 --working-dir . -- paretoray sweep run ...` does.
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     entrypoint = (f"paretoray sweep run {spec_path} --ray-address auto --no-progress "
@@ -286,7 +285,7 @@ def test_sweep_submitted_as_a_ray_job_records_to_the_tracking_server(ray_cluster
 
 def test_sweep_through_ray_client(ray_cluster, mlflow_server, tiny_model_dir, tmp_path):
     spec_path = tmp_path / "client.yaml"
-    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "client", trials=3, count=2, sleep_s=0.2)))
+    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "client", trials=3, count=1, sleep_s=0.1)))
     command = [sys.executable, "-m", "paretoray.orchestrator.cli", "sweep", "run", str(spec_path), "--no-progress",
                "--ray-address", ray_cluster.client_address, "--tracking-uri", mlflow_server.url,
                "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]

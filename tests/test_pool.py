@@ -60,3 +60,22 @@ def test_front_tags_every_trial_and_artifacts_only_when_asked(tmp_path):
 
     recorder.update_front(parent, study, ["latency_ms_per_token", "accuracy"], artifacts=True)
     assert {"pareto_front.png", "pareto_front.html", "trials.parquet"} <= {a.path for a in client.list_artifacts(parent)}
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_front_is_optunas_best_trials(constrained):
+    import random
+
+    study = optuna.create_study(directions=["minimize", "maximize", "minimize"])
+    rng = random.Random(0)
+    for _ in range(60):
+        trial = study.ask()
+        if constrained:
+            trial.set_constraint("c", rng.uniform(-1, 1))
+        if rng.random() < 0.1:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, [rng.random(), rng.random(), rng.random()])
+    from paretoray.orchestrator.pareto import pareto_numbers
+
+    assert pareto_numbers(study) == {t.number for t in study.best_trials} != set()

@@ -39,10 +39,11 @@ class SweepError(RuntimeError):
     """A sweep that cannot start or continue; the message says why and what to do."""
 
 
-# The front's artifacts (tables, plots) cost far more than a trial's record: refresh them every
-# this many trials or seconds, whichever comes first, and always when the sweep ends.
-FRONT_ARTIFACTS_EVERY_TRIALS = 10
-FRONT_ARTIFACTS_EVERY_S = 60.0
+# The front's artifacts (tables, a self-contained plotly page, a PNG) take about a second to write
+# where a trial's record takes tens of milliseconds: refresh them at most every this many seconds
+# (so they cost the controller a few percent of its time whatever the trial rate) and always at
+# the end. The front's tags and the parent's counts follow every trial.
+FRONT_ARTIFACTS_EVERY_S = 30.0
 
 
 @dataclass
@@ -203,6 +204,14 @@ class _LoopStats:
     wall_s: float = 0.0
 
 
+def _configurations(study: optuna.Study) -> set[str]:
+    """The configurations measured (complete) or being measured (running), as comparable keys."""
+    return {
+        json.dumps(t.params, sort_keys=True)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    }
+
+
 def _note_gpus_unused(actors: list[PoolActor]) -> None:
     """Ray hands out declared GPUs whether or not CUDA is there; say so when the actors run on CPU."""
     idle_gpus = sorted({g for a in actors if a.info.get("device") == "cpu" for g in a.info.get("gpu_ids", [])})
@@ -338,13 +347,14 @@ class Controller:
         retries: deque[_Dispatch] = deque()
         in_flight = self._in_flight
         max_retries = self.spec.actors.max_trial_retries
-        artifacts_at, finished_since_artifacts = time.perf_counter(), 0
+        artifacts_at = time.perf_counter()
+        asked = _configurations(study)
         busy_from = time.perf_counter()
         while True:
             while pool.idle and retries:
                 self._send(retries.popleft(), pool.idle.pop())
             while pool.idle and done + len(in_flight) + len(retries) < target:
-                trial, technique, params = self._ask_new(study)
+                trial, technique, params = self._ask_new(study, asked)
                 self._send(_Dispatch(trial, technique, params), pool.idle.pop())
             if not in_flight and not retries and done >= target:
                 break
@@ -382,16 +392,16 @@ class Controller:
                 record = self._dead_actor_record(dispatch)
             if dispatch.actor_failures:
                 record["actor_failures"] = list(dispatch.actor_failures)
-            ok = self._finish(study, recorder, parent, dispatch.trial, record)
+            ok = self._finish(study, recorder, parent, dispatch.trial, record, logged_before=False)
+            if not ok:  # as before: a failed configuration may be proposed and measured again
+                asked.discard(json.dumps(dispatch.trial.params, sort_keys=True))
             stats.failed += not ok
             stats.finished += 1
             done += 1
-            finished_since_artifacts += 1
-            refresh = (finished_since_artifacts >= FRONT_ARTIFACTS_EVERY_TRIALS
-                       or time.perf_counter() - artifacts_at >= FRONT_ARTIFACTS_EVERY_S)
+            refresh = time.perf_counter() - artifacts_at >= FRONT_ARTIFACTS_EVERY_S
             rows = recorder.update_front(parent, study, self.objectives, artifacts=refresh)
             if refresh:
-                artifacts_at, finished_since_artifacts = time.perf_counter(), 0
+                artifacts_at = time.perf_counter()
             bar.update(1)
             bar.set_postfix_str(self._progress_note(rows), refresh=True)
         stats.busy_s += time.perf_counter() - busy_from
@@ -406,31 +416,35 @@ class Controller:
 
     # ---- per trial ------------------------------------------------------------------------
 
-    def _ask_new(self, study: optuna.Study, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
+    def _ask_new(self, study: optuna.Study, seen: set[str] | None = None, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
         """Ask until Optuna proposes a configuration not measured or in flight already.
 
         A technique without parameters (dense) or a narrow integer range is proposed again and
         again; re-measuring it spends a trial on noise. Repeats are told PRUNED (not counted,
         not logged), as Optuna's FAQ suggests; after `max_repeats` in a row the space is
-        exhausted in practice and the repeat is run.
+        exhausted in practice and the repeat is run. `seen` (the configurations measured or in
+        flight, see `_configurations`) is read from the study when not given, and the asked
+        configuration is added to it.
         """
-        seen = {
-            json.dumps(t.params, sort_keys=True)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        }
+        seen = _configurations(study) if seen is None else seen
         for attempt in range(max_repeats + 1):
             trial = study.ask()
             technique, params = suggest(trial, self.space)
-            if json.dumps(trial.params, sort_keys=True) not in seen or attempt == max_repeats:
+            key = json.dumps(trial.params, sort_keys=True)
+            if key not in seen or attempt == max_repeats:
                 break
             trial.set_user_attr("repeat_of_measured_config", True)
             study.tell(trial, state=TrialState.PRUNED)
-        trial.set_user_attr("technique", technique)
-        trial.set_user_attr("params", params)
+        seen.add(key)
         return trial, technique, params
 
-    def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any]) -> bool:
-        """Log to MLflow first, then tell Optuna (resume relies on this order)."""
+    def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any],
+                logged_before: bool = True) -> bool:
+        """Log to MLflow first, then tell Optuna (resume relies on this order).
+
+        `logged_before=False` skips looking for an earlier run of this trial: true of every trial
+        the loop finishes (asked by this run, logged once), not of those a resume reconciles.
+        """
         values = None
         if record.get("status") == "ok":
             metrics = record["metrics"]
@@ -438,8 +452,9 @@ class Controller:
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 record = {**record, "status": "failed", "error": f"objective values not finite: {dict(zip(self.objectives, values))}"}
                 values = None
-        run_id = recorder.log_trial(parent, trial.number, record, self.spec_json)
+        run_id = recorder.log_trial(parent, trial.number, record, self.spec_json, may_exist=logged_before)
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("technique", record.get("technique"))
         trial.set_user_attr("label", record.get("label", ""))
         trial.set_user_attr("params", record.get("params", {}))
         trial.set_user_attr("actor", {k: record.get("actor", {}).get(k) for k in ("node_ip", "gpu_ids", "pid")})

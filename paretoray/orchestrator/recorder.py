@@ -99,8 +99,12 @@ class Recorder:
         """A run left half-written by a controller that died: hide it, its trial will run again."""
         self.client.delete_run(run_id)
 
-    def log_trial(self, parent_run_id: str, number: int, record: dict[str, Any], spec_json: dict[str, Any]) -> str:
-        existing = self.find_trial_run(parent_run_id, number)
+    def log_trial(
+        self, parent_run_id: str, number: int, record: dict[str, Any], spec_json: dict[str, Any], may_exist: bool = True
+    ) -> str:
+        """One nested run for trial `number`; a finished run already there is reused (`may_exist=False`:
+        the caller knows there is none, and the search is skipped)."""
+        existing = self.find_trial_run(parent_run_id, number) if may_exist else None
         if existing is not None and existing.info.status in ("FINISHED", "FAILED"):
             return existing.info.run_id
         if existing is not None:

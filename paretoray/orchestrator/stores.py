@@ -15,6 +15,8 @@ from elsewhere), else to `artifacts/` beside the local stores.
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +52,21 @@ class Stores:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            write_ahead_log(Path(url.removeprefix("sqlite:///")))
         return RDBStorage(url, heartbeat_interval=None)
+
+
+def write_ahead_log(path: Path) -> None:
+    """Put a SQLite file (created if missing) in WAL mode, which stays with the file.
+
+    A commit then appends to the log and syncs it once, where the default rollback journal syncs
+    the journal and the database; with SQLite's default synchronous=FULL every commit is still
+    on disk when it returns. Readers (`paretoray results`, the MLflow UI) no longer block the
+    controller's writes. Not for network file systems, where SQLite itself is unsafe.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -65,13 +80,14 @@ def resolve_stores(tracking_uri: str | None = None, storage: str | None = None, 
     _check_driver(tracking, "--tracking-uri")
     _check_driver(study_storage, "--storage")
     sqlite = _sqlite_path(tracking)
+    if sqlite is not None:
+        write_ahead_log(sqlite)
     artifact_root: str | None
     if tracking.startswith(("http://", "https://", "databricks")):
         artifact_root = None  # the server keeps them (`mlflow server --serve-artifacts` proxies them)
     elif os.environ.get("PARETORAY_ARTIFACT_ROOT"):
         artifact_root = os.environ["PARETORAY_ARTIFACT_ROOT"]
     elif sqlite is not None:
-        sqlite.parent.mkdir(parents=True, exist_ok=True)
         artifact_root = (sqlite.parent / "artifacts").absolute().as_uri()
     else:
         artifact_root = (base / "artifacts").as_uri()
