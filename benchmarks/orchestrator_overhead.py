@@ -21,6 +21,9 @@ objectives, `max_concurrent_trials=k`, the same CPU share per trial) on the same
 then report the same synthetic metrics. Its figure is trials / `Tuner.fit()` wall time; Tune keeps
 its study in memory and writes its own result files, where paretoray writes SQLite and MLflow.
 
+`--tracking server` puts MLflow behind an `mlflow server` on loopback, as on a cluster's head:
+the controller then makes HTTP calls and the server process does the database work.
+
 A warm-up run per configuration is discarded, then `--repeats` runs; the median is reported. The
 last stdout line is one JSON record.
 """
@@ -59,7 +62,8 @@ def noop_metrics(knob: float) -> dict[str, float]:
     return {"accuracy": knob, "latency_ms_per_token": latency_ms}
 
 
-def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: int, sleep_s: float, cpus: float) -> dict:
+def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: int, sleep_s: float, cpus: float,
+                  tracking_uri: str | None = None) -> dict:
     spec = parse(
         {
             "name": name,
@@ -74,7 +78,7 @@ def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: i
         f"<{name}>",
     )
     started = time.perf_counter()
-    result = Controller(spec, resolve_stores(home=str(home))).run(progress=False)
+    result = Controller(spec, resolve_stores(tracking_uri, home=str(home))).run(progress=False)
     return {
         "trials": result.trials_run,
         "trials_per_s": result.trials_run / result.loop_s,
@@ -118,12 +122,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="Ray's CPUs, shared by the actors")
     parser.add_argument("--no-tune", action="store_true", help="skip the Ray Tune peer")
+    parser.add_argument("--tracking", choices=["sqlite", "server"], default="sqlite",
+                        help="MLflow on a SQLite file (default), or an `mlflow server` on loopback (as on a cluster's head)")
     args = parser.parse_args()
 
     from tests.tiny import save_tiny_llama
 
     folder = Path(tempfile.mkdtemp(prefix="orchestrator-overhead-"))
     model_dir = save_tiny_llama(folder / "tiny-llama")
+    server = None
+    if args.tracking == "server":
+        from tests.localcluster import start_mlflow_server
+
+        server = start_mlflow_server(folder / "mlflow-server")
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     rows = []
     for sleep_s in args.sleep_s:
@@ -135,7 +146,8 @@ def main() -> None:
                 for repeat in range(args.repeats + 1):  # the first is the warm-up
                     tag = f"k{actors}-s{sleep_s:g}-r{repeat}"
                     if system == "paretoray":
-                        run = run_paretoray(model_dir, folder / "stores", f"bench-{tag}", actors, trials, sleep_s, share)
+                        run = run_paretoray(model_dir, folder / "stores", f"bench-{tag}", actors, trials, sleep_s, share,
+                                            server.url if server else None)
                     else:
                         run = run_tune(folder / "tune" / tag, actors, trials, sleep_s, share)
                     if repeat:
@@ -150,11 +162,13 @@ def main() -> None:
                 print(f"{system:<10} k={actors:<3} sleep {sleep_s:g} s  {row['trials_per_s']:8.2f} trials/s  {overhead}",
                       flush=True)
     ray.shutdown()
+    if server is not None:
+        server.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(json.dumps({
         "benchmark": "orchestrator_overhead", "commit": commit, "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "ray": ray.__version__,
-        "repeats": args.repeats, "rows": rows,
+        "repeats": args.repeats, "tracking": args.tracking, "rows": rows,
     }))
 
 

@@ -6,6 +6,10 @@ MLflow, then tells Optuna. The controller is the only writer of both stores (no 
 contention), and because Optuna's storage holds the spec and the parent run id, a sweep resumes
 by name: finished trials are neither re-run nor re-logged, trials that were running are reconciled
 with what MLflow holds or asked again.
+
+Actors come from an `ActorPool` (pool.py). A trial whose actor dies (killed, out of memory, its
+node gone) is sent to another actor up to `actors.max_trial_retries` times, and a replacement
+actor starts in the background; the loop never blocks on it.
 """
 
 from __future__ import annotations
@@ -325,14 +329,6 @@ class Controller:
             )
             for d in list(self._in_flight.copy().values())
         ]
-
-    def actors(self) -> list[dict[str, Any]]:
-        """What each live actor reported about itself (pid, node_id, node_ip, gpu_ids, device ...)."""
-        pool = self._pool
-        if pool is None:
-            return []
-        busy = [d.actor for d in list(self._in_flight.copy().values()) if d.actor is not None]
-        return [dict(a.info) for a in [*list(pool.idle), *busy]]
 
     def _trial_loop(self, study: optuna.Study, recorder: Recorder, parent: str, pool: ActorPool, target: int,
                     done: int, bar: tqdm) -> _LoopStats:
