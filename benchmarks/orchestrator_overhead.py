@@ -87,6 +87,68 @@ def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: i
     }
 
 
+def store_breakdown(home: Path, trials: int, tracking_uri: str | None = None) -> dict[str, dict[str, float]]:
+    """Where a trial's controller time goes: the same store calls the controller makes per trial,
+    timed one by one outside Ray, with the SQL statements each sends (counted per database)."""
+    from collections import defaultdict
+
+    import optuna
+    import sqlalchemy
+
+    from paretoray.orchestrator.recorder import Recorder
+
+    statements: dict[str, int] = defaultdict(int)
+
+    def count(connection, *_args) -> None:
+        statements[connection.engine.url.database.rsplit("/", 1)[-1]] += 1
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", count)
+    stores = resolve_stores(tracking_uri, home=str(home))
+    recorder = Recorder(stores, "breakdown")
+    spec_json = {"model": {"id": "m", "dtype": "auto"}, "sampler": {"name": "random"}, "trials": trials,
+                 "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1},
+                 "actors": {"count": 1}, "techniques": {"noop": {}}, "objectives": OBJECTIVES, "constraints": []}
+    parent = recorder.start_sweep(spec_json, None)
+    study = optuna.create_study(study_name="breakdown", storage=stores.optuna_storage(), directions=list(OBJECTIVES.values()),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    seconds: dict[str, float] = defaultdict(float)
+    counted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def step(name: str, call):
+        before, started = dict(statements), time.perf_counter()
+        result = call()
+        seconds[name] += time.perf_counter() - started
+        for database, n in statements.items():
+            counted[name][database] += n - before.get(database, 0)
+        return result
+
+    def ask():
+        trial = study.ask()
+        trial.suggest_categorical("technique", ["noop"])
+        trial.suggest_float("noop.knob", 0.0, 1.0)
+        return trial
+
+    for _ in range(trials):
+        trial = step("optuna ask + suggest", ask)
+        metrics = noop_metrics(trial.params["noop.knob"])
+        record = {"trial": trial.number, "technique": "noop", "label": "noop", "status": "ok", "metrics": metrics,
+                  "params": {"knob": trial.params["noop.knob"], "sleep_s": 0.0}, "actor": {"pid": 1, "node_ip": "127.0.0.1"},
+                  "env": {"device": "cpu", "torch": "x", "ray": ray.__version__}}
+        run_id = step("mlflow trial run", lambda: recorder.log_trial(parent, trial.number, record, spec_json, may_exist=False))
+
+        def attributes():  # what Controller._finish stores on the trial
+            for key, value in (("mlflow_run_id", run_id), ("technique", "noop"), ("label", "noop"),
+                               ("params", record["params"]), ("actor", record["actor"]), ("metrics", metrics)):
+                trial.set_user_attr(key, value)
+
+        step("optuna user attrs (6)", attributes)
+        step("optuna tell", lambda: study.tell(trial, [metrics[name] for name in OBJECTIVES]))
+        step("front tags + parent counts", lambda: recorder.update_front(parent, study, list(OBJECTIVES), artifacts=False))
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", count)
+    return {name: {"ms_per_trial": 1000 * seconds[name] / trials,
+                   **{f"sql_{db}": n / trials for db, n in counted[name].items() if n}} for name in seconds}
+
+
 def run_tune(folder: Path, actors: int, trials: int, sleep_s: float, cpus: float) -> dict:
     import optuna
     from ray import tune
@@ -122,6 +184,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="Ray's CPUs, shared by the actors")
     parser.add_argument("--no-tune", action="store_true", help="skip the Ray Tune peer")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time the store calls of a trial one by one, outside Ray (where the overhead goes)")
     parser.add_argument("--tracking", choices=["sqlite", "server"], default="sqlite",
                         help="MLflow on a SQLite file (default), or an `mlflow server` on loopback (as on a cluster's head)")
     args = parser.parse_args()
@@ -135,6 +199,16 @@ def main() -> None:
         from tests.localcluster import start_mlflow_server
 
         server = start_mlflow_server(folder / "mlflow-server")
+    if args.breakdown:
+        steps = store_breakdown(folder / "stores", max(args.min_trials, 60), server.url if server else None)
+        if server is not None:
+            server.stop()
+        for name, figures in steps.items():
+            print(f"{name:<28} {figures['ms_per_trial']:7.1f} ms/trial  "
+                  + "  ".join(f"{k.removeprefix('sql_')}: {v:.0f} statements" for k, v in figures.items() if k.startswith("sql_")))
+        print(f"{'total':<28} {sum(f['ms_per_trial'] for f in steps.values()):7.1f} ms/trial")
+        print(json.dumps({"benchmark": "orchestrator_overhead.breakdown", "tracking": args.tracking, "steps": steps}))
+        return
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     rows = []
     for sleep_s in args.sleep_s:
