@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # otherwise pull several GB of CUDA packages on a machine without a GPU.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast browser clean-runs
+.PHONY: venv demo test test-fast test-cluster browser clean-runs
 
 venv: $(STAMP)
 
@@ -36,7 +36,13 @@ browser:
 	  || echo "note: Chromium could not be installed (apt-get needs root); the browser tests will be skipped"
 
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow"
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow and not cluster"
+
+# A two-node Ray cluster on this machine (ray start x2, logical GPUs), killed actors, nodes and
+# controllers, a Ray job and Ray Client, an MLflow server, PostgreSQL stores (installed from
+# Debian's packages when missing and run as root; skipped with the reason where it cannot be).
+test-cluster: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m cluster
 
 clean-runs:
 	rm -rf paretoray-runs

@@ -44,6 +44,34 @@ def ray_session():
     """A local Ray (7-14 s to start on 2 cores), shared by every end-to-end test."""
     import ray
 
+    if ray.is_initialized():  # the cluster tests' driver connection, when both kinds run together
+        yield ray
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Two Ray nodes on this machine, `head` and `a`, each with 4 CPUs and 2 declared (logical) GPUs,
+    the head with its dashboard (job API) and Ray Client server; this process joins as a driver."""
+    import shutil
+
+    import ray
+
+    from tests.localcluster import LocalRayCluster, short_temp_root
+
+    cluster = LocalRayCluster(short_temp_root())
+    try:
+        cluster.start_head(num_cpus=4, num_gpus=2)
+        cluster.add_node("a", num_cpus=4, num_gpus=2)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        cluster.node_id("head"), cluster.node_id("a")
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)

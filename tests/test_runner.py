@@ -98,3 +98,14 @@ def test_decoding_task_scores_equality_with_the_target(tiny_model_dir, tmp_path)
     assert record["status"] == "ok", record["traceback"]
     assert record["metrics"]["accuracy"] == record["metrics"]["output_match"] == 1.0
     assert not any(key.startswith("accuracy/ctx") for key in record["metrics"])
+
+
+def test_a_technique_without_model_work_skips_samples_and_reference(runner):
+    # `noop` declares uses_model = False: no prompts are built and no dense reference is measured.
+    workload = WORKLOAD | {"context_lengths": [4096]}
+    record = runner.run_trial({"trial": 8, "technique": "noop", "params": {"sleep_s": 0.05, "knob": 0.5}, "workload": workload})
+    assert record["status"] == "ok", record["traceback"]
+    assert record["metrics"] == {"accuracy": 0.5, "latency_ms_per_token": 3.25, "tokens_per_s": 1000.0 / 3.25}
+    assert record["samples"] == [] and 0.05 <= record["wall_s"] < 2.0
+    assert Workload.from_dict(workload).key not in runner._references
+    json.dumps(record)

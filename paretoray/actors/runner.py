@@ -134,6 +134,8 @@ class TrialRunner:
         return record
 
     def _measure(self, technique: Technique, workload: Workload) -> dict[str, Any]:
+        if not technique.uses_model:
+            return {"query_placement": workload.query_placement, "metrics": technique.measure_without_model(), "samples": []}
         samples = self._workload_samples(workload)
         reference = self._reference(workload, samples)
         rows, step_ms, ttft_ms, peaks = [], [], [], []

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     moa_plan.add_argument("--rules-per-layer", type=int, default=2, help="distinct rules allowed per layer (reference: 2)")
     moa_plan.add_argument("--out", type=Path, help="plan JSON (default: where the moa technique looks for it)")
 
-    ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL")
+    ui = commands.add_parser("ui", help="start the MLflow UI on the project's tracking store and print its URL "
+                             "(for an http:// tracking URI, print that server's URL)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--workers", type=int, default=1, help="server processes (default 1, enough for one person; mlflow's own default is 4)")
@@ -156,7 +157,7 @@ def _fail(message: str, code: int = 2) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from paretoray.orchestrator.controller import Controller, SweepError, study_exists
     from paretoray.orchestrator.spec import SpecError, load_spec
-    from paretoray.orchestrator.stores import resolve_stores
+    from paretoray.orchestrator.stores import StoreError, resolve_stores
 
     try:
         if args.sweep_command == "validate":
@@ -179,7 +180,7 @@ def _sweep(args: argparse.Namespace) -> int:
             stores = resolve_stores(args.tracking_uri, args.storage)
             controller = Controller.for_resume(args.name, stores)
             result = controller.run(resume=True, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
-    except SpecError as error:
+    except (SpecError, StoreError) as error:
         return _fail(str(error))
     except SweepError as error:
         return _fail(str(error), 1)
@@ -335,9 +336,22 @@ def _moa(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from paretoray.orchestrator.stores import resolve_stores
+    from paretoray.orchestrator.stores import StoreError, resolve_stores
 
-    stores = resolve_stores(args.tracking_uri, args.storage)
+    try:
+        stores = resolve_stores(args.tracking_uri, args.storage)
+    except StoreError as error:
+        return _fail(str(error))
+    if stores.tracking_uri.startswith(("http://", "https://")):
+        # A tracking server (a cluster's head) is already the UI: starting another would only proxy it.
+        print(f"MLflow UI: {stores.tracking_uri}  (the tracking server itself; nothing to start)")
+        host = stores.tracking_uri.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost"):
+            port = stores.tracking_uri.rstrip("/").rsplit(":", 1)[-1]
+            port = port if port.isdigit() else "5000"
+            print(f"if its port is closed to you, forward it:  ssh -L {port}:localhost:{port} {host}  "
+                  f"(or `ray attach cluster.yaml -p {port}`), then open http://127.0.0.1:{port}")
+        return 0
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     url = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)\n"

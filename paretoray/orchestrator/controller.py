@@ -6,6 +6,10 @@ MLflow, then tells Optuna. The controller is the only writer of both stores (no 
 contention), and because Optuna's storage holds the spec and the parent run id, a sweep resumes
 by name: finished trials are neither re-run nor re-logged, trials that were running are reconciled
 with what MLflow holds or asked again.
+
+Actors come from an `ActorPool` (pool.py). A trial whose actor dies (killed, out of memory, its
+node gone) is sent to another actor up to `actors.max_trial_retries` times, and a replacement
+actor starts in the background; the loop never blocks on it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -24,7 +29,7 @@ import ray
 from optuna.trial import Trial, TrialState
 from tqdm import tqdm
 
-from paretoray.actors.actor import create_actor
+from paretoray.orchestrator.pool import ActorPool, ActorStartError, PoolActor, actor_failure
 from paretoray.orchestrator.recorder import Recorder
 from paretoray.orchestrator.spec import Constraint, Dimension, SweepSpec, constraints, grid_size, parse, search_space
 from paretoray.orchestrator.stores import Stores
@@ -38,6 +43,13 @@ class SweepError(RuntimeError):
     """A sweep that cannot start or continue; the message says why and what to do."""
 
 
+# The front's artifacts (tables, a self-contained plotly page, a PNG) take about a second to write
+# where a trial's record takes tens of milliseconds: refresh them at most every this many seconds
+# (so they cost the controller a few percent of its time whatever the trial rate) and always at
+# the end. The front's tags and the parent's counts follow every trial.
+FRONT_ARTIFACTS_EVERY_S = 30.0
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -46,6 +58,43 @@ class SweepResult:
     rows: list[dict[str, Any]]
     parent_run_id: str
     wall_s: float
+    trials_run: int = 0  # finished by this run (a resumed sweep's earlier trials excluded)
+    trials_retried: int = 0  # times a trial was sent again because its actor died
+    actors_replaced: int = 0
+    controller_busy_s: float = 0.0  # the trial loop's time outside `ray.wait` (see `overhead_ms_per_trial`)
+    loop_s: float = 0.0  # the trial loop's wall time: from the first trial asked to the last one recorded
+
+    @property
+    def overhead_ms_per_trial(self) -> float:
+        """The controller's own time per trial: asking Optuna, dispatching, logging to MLflow,
+        telling Optuna, tagging the front. It is the trial loop's wall time minus the time it
+        spent blocked in `ray.wait`, divided by the trials this run finished; actor start-up and
+        the final front artifacts are outside the loop and not counted."""
+        return 1000.0 * self.controller_busy_s / self.trials_run if self.trials_run else float("nan")
+
+
+@dataclass
+class _Dispatch:
+    """One trial on its way through actors: retried on another actor when the one it ran on died."""
+
+    trial: Trial
+    technique: str
+    params: dict[str, Any]
+    actor: PoolActor | None = None
+    sent_at: float = 0.0
+    actor_failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InFlightTrial:
+    """What a trial in flight is running on (for operators and tests)."""
+
+    trial: int
+    attempt: int
+    pid: int | None
+    node_id: str | None
+    gpu_ids: tuple[str, ...]
+    running_s: float
 
 
 # ---- Optuna ----------------------------------------------------------------------------------
@@ -147,35 +196,32 @@ def prepare_models(spec: SweepSpec) -> None:
                 raise SweepError(str(error)) from None
 
 
-def start_actors(spec: SweepSpec, count: int, timeout_s: float = 900) -> list[Any]:
-    """Create actors and wait until each has loaded the model, with a clear error if one cannot."""
-    actors = [
-        create_actor(
-            spec.model.id,
-            num_cpus=spec.actors.num_cpus,
-            num_gpus=spec.actors.num_gpus,
-            dtype=spec.model.dtype,
-            attn_implementation=spec.model.attn_implementation,
-            draft=spec.model.draft,
-        )
-        for _ in range(count)
-    ]
-    try:
-        ray.get([actor.describe.remote() for actor in actors], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise SweepError(
-            f"actors did not start within {timeout_s:.0f} s: the cluster may lack {spec.actors.num_cpus} CPU / "
-            f"{spec.actors.num_gpus} GPU per actor (see `ray status`)"
-        ) from None
-    except ray.exceptions.RayActorError as error:
-        cause = (getattr(error, "error_msg", None) or str(error)).strip()
-        # The actor's traceback ends with the loader's own one-line explanation: show that.
-        reason = next((line for line in reversed(cause.splitlines()) if "ModelLoadError:" in line), cause[-2000:])
-        raise SweepError(f"an actor could not start: {reason.split('ModelLoadError: ')[-1]}") from None
-    return actors
-
-
 # ---- the sweep -------------------------------------------------------------------------------
+
+
+@dataclass
+class _LoopStats:
+    finished: int = 0
+    failed: int = 0
+    retried: int = 0
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def _configurations(study: optuna.Study) -> set[str]:
+    """The configurations measured (complete) or being measured (running), as comparable keys."""
+    return {
+        json.dumps(t.params, sort_keys=True)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    }
+
+
+def _note_gpus_unused(actors: list[PoolActor]) -> None:
+    """Ray hands out declared GPUs whether or not CUDA is there; say so when the actors run on CPU."""
+    idle_gpus = sorted({g for a in actors if a.info.get("device") == "cpu" for g in a.info.get("gpu_ids", [])})
+    if idle_gpus:
+        print(f"note: Ray gave the actors GPUs {', '.join(idle_gpus)} but they see no CUDA device: they run on CPU "
+              "(their records say device cpu and name the GPU ids)", file=sys.stderr)
 
 
 class Controller:
@@ -189,6 +235,8 @@ class Controller:
         self.constraints: list[Constraint] = constraints(spec)
         self.objectives = list(spec.objectives)
         self.storage = stores.optuna_storage()
+        self._in_flight: dict[Any, _Dispatch] = {}
+        self._pool: ActorPool | None = None
 
     @classmethod
     def for_resume(cls, name: str, stores: Stores) -> Controller:
@@ -216,7 +264,15 @@ class Controller:
         if ray_address is None:
             prepare_models(self.spec)
         connect_ray(ray_address, self.spec)
-        actors = start_actors(self.spec, self.spec.actors.count)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if ray_address is None and self.spec.actors.num_gpus > gpus:
+            raise SweepError(f"actors.num_gpus is {self.spec.actors.num_gpus} but this machine has {gpus:g} GPU(s): "
+                             "set actors.num_gpus: 0, or run on a cluster with --ray-address")
+        pool = self._pool = ActorPool(self.spec)
+        try:
+            _note_gpus_unused(pool.start(self.spec.actors.count))
+        except ActorStartError as error:
+            raise SweepError(str(error)) from None
 
         recorder = Recorder(self.stores, self.name)
         directions = [self.spec.objectives[o] for o in self.objectives]
@@ -234,37 +290,11 @@ class Controller:
             recorder.reopen_sweep(parent)
             self._reconcile(study, recorder, parent)
 
-        pending: dict[Any, tuple[Trial, Any]] = {}
-        free = list(actors)
-        done = len(finished_trials(study))
-        failed = 0
-        bar = tqdm(total=target, initial=min(done, target), desc=f"sweep {self.name}", unit="trial", disable=not progress, dynamic_ncols=True)
+        done_before = len(finished_trials(study))
+        bar = tqdm(total=target, initial=min(done_before, target), desc=f"sweep {self.name}", unit="trial", disable=not progress, dynamic_ncols=True)
         status = "FINISHED"
         try:
-            while True:
-                while free and done + len(pending) < target:
-                    trial, technique, params = self._ask_new(study)
-                    actor = free.pop()
-                    request = {"trial": trial.number, "technique": technique, "params": params, "workload": self.spec_json["workload"]}
-                    pending[actor.run_trial.remote(request)] = (trial, actor)
-                if not pending:
-                    break
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                trial, actor = pending.pop(ref)
-                try:
-                    record = ray.get(ref)
-                    free.append(actor)
-                except ray.exceptions.RayActorError as error:
-                    record = self._dead_actor_record(trial, error)
-                    free.extend(self._replace_actor())
-                ok = self._finish(study, recorder, parent, trial, record)
-                failed += not ok
-                done += 1
-                rows = recorder.update_front(parent, study, self.objectives)
-                bar.update(1)
-                bar.set_postfix_str(self._progress_note(rows), refresh=True)
-                if not free and not pending:
-                    raise SweepError("every actor died; finished trials are recorded, resume with `paretoray sweep resume`")
+            loop = self._trial_loop(study, recorder, parent, pool, target, done_before, bar)
         except BaseException:
             status = "KILLED"
             raise
@@ -272,39 +302,145 @@ class Controller:
             bar.close()
             if status == "KILLED":
                 recorder.finish_sweep(parent, "KILLED")
-            for actor in free + [actor for _, actor in pending.values()]:
-                ray.kill(actor)
-        rows = recorder.update_front(parent, study, self.objectives)
+            never_started = pool.shutdown(busy=[d.actor for d in self._in_flight.values() if d.actor is not None])
+            self._in_flight = {}
+            if never_started:
+                print(f"warning: {never_started} replacement actor(s) never started (the cluster had no room); removed",
+                      file=sys.stderr)
+        rows = recorder.update_front(parent, study, self.objectives, artifacts=True)
         recorder.finish_sweep(parent, "FINISHED")
-        return SweepResult(self.name, done, failed, rows, parent, time.perf_counter() - started)
+        return SweepResult(
+            self.name, done_before + loop.finished, loop.failed, rows, parent, time.perf_counter() - started,
+            trials_run=loop.finished, trials_retried=loop.retried, actors_replaced=pool.replaced, controller_busy_s=loop.busy_s,
+            loop_s=loop.wall_s,
+        )
+
+    def in_flight(self) -> list[InFlightTrial]:
+        """The trials running now and the actors they run on; safe to call from another thread."""
+        now = time.perf_counter()
+        return [
+            InFlightTrial(
+                trial=d.trial.number,
+                attempt=len(d.actor_failures) + 1,
+                pid=d.actor.info.get("pid") if d.actor else None,
+                node_id=d.actor.info.get("node_id") if d.actor else None,
+                gpu_ids=tuple(d.actor.info.get("gpu_ids", ())) if d.actor else (),
+                running_s=now - d.sent_at,
+            )
+            for d in list(self._in_flight.copy().values())
+        ]
+
+    def _trial_loop(self, study: optuna.Study, recorder: Recorder, parent: str, pool: ActorPool, target: int,
+                    done: int, bar: tqdm) -> _LoopStats:
+        """Ask, dispatch, collect, record, until `target` trials are finished.
+
+        A trial whose actor dies goes back to the front of the queue (its Optuna trial stays
+        RUNNING, the call is pure compute so it can run again) until it has failed
+        `max_trial_retries + 1` times; then it is recorded as failed with every reason.
+        """
+        stats = _LoopStats()
+        loop_started = time.perf_counter()
+        retries: deque[_Dispatch] = deque()
+        in_flight = self._in_flight
+        max_retries = self.spec.actors.max_trial_retries
+        artifacts_at = time.perf_counter()
+        asked = _configurations(study)
+        busy_from = time.perf_counter()
+        while True:
+            while pool.idle and retries:
+                self._send(retries.popleft(), pool.idle.pop())
+            while pool.idle and done + len(in_flight) + len(retries) < target:
+                trial, technique, params = self._ask_new(study, asked)
+                self._send(_Dispatch(trial, technique, params), pool.idle.pop())
+            if not in_flight and not retries and done >= target:
+                break
+            timeout = None
+            if not in_flight:
+                timeout = pool.seconds_until_start_deadline()
+                if timeout is None:
+                    raise SweepError("every actor died and none could be replaced; finished trials are recorded, "
+                                     f"continue with `paretoray sweep resume {self.name}`")
+            stats.busy_s += time.perf_counter() - busy_from
+            ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=timeout)
+            busy_from = time.perf_counter()
+            if not ready:
+                raise SweepError(f"no actor is left and no replacement started within {pool.start_timeout_s:.0f} s "
+                                 f"(see `ray status`); continue with `paretoray sweep resume {self.name}` when the cluster has room")
+            ref = ready[0]
+            if ref in pool.starting:
+                pool.started(ref)
+                continue
+            dispatch = in_flight.pop(ref)
+            try:
+                record = ray.get(ref)
+                record["attempts"] = len(dispatch.actor_failures) + 1
+                pool.idle.append(dispatch.actor)
+            except ray.exceptions.RayActorError as error:
+                pool.lost(dispatch.actor)
+                where = dispatch.actor.info
+                dispatch.actor_failures.append(f"actor pid {where.get('pid')} on node {where.get('node_ip')} died: {actor_failure(error)}")
+                if len(dispatch.actor_failures) <= max_retries:
+                    print(f"warning: trial {dispatch.trial.number}: {dispatch.actor_failures[-1]}; sending it to another actor",
+                          file=sys.stderr)
+                    stats.retried += 1
+                    retries.appendleft(dispatch)
+                    continue
+                record = self._dead_actor_record(dispatch)
+            if dispatch.actor_failures:
+                record["actor_failures"] = list(dispatch.actor_failures)
+            ok = self._finish(study, recorder, parent, dispatch.trial, record, logged_before=False)
+            if not ok:  # as before: a failed configuration may be proposed and measured again
+                asked.discard(json.dumps(dispatch.trial.params, sort_keys=True))
+            stats.failed += not ok
+            stats.finished += 1
+            done += 1
+            refresh = time.perf_counter() - artifacts_at >= FRONT_ARTIFACTS_EVERY_S
+            rows = recorder.update_front(parent, study, self.objectives, artifacts=refresh)
+            if refresh:
+                artifacts_at = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix_str(self._progress_note(rows), refresh=True)
+        stats.busy_s += time.perf_counter() - busy_from
+        stats.wall_s = time.perf_counter() - loop_started
+        return stats
+
+    def _send(self, dispatch: _Dispatch, actor: PoolActor) -> None:
+        request = {"trial": dispatch.trial.number, "technique": dispatch.technique, "params": dispatch.params,
+                   "workload": self.spec_json["workload"]}
+        dispatch.actor, dispatch.sent_at = actor, time.perf_counter()
+        self._in_flight[actor.handle.run_trial.remote(request)] = dispatch
 
     # ---- per trial ------------------------------------------------------------------------
 
-    def _ask_new(self, study: optuna.Study, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
+    def _ask_new(self, study: optuna.Study, seen: set[str] | None = None, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
         """Ask until Optuna proposes a configuration not measured or in flight already.
 
         A technique without parameters (dense) or a narrow integer range is proposed again and
         again; re-measuring it spends a trial on noise. Repeats are told PRUNED (not counted,
         not logged), as Optuna's FAQ suggests; after `max_repeats` in a row the space is
-        exhausted in practice and the repeat is run.
+        exhausted in practice and the repeat is run. `seen` (the configurations measured or in
+        flight, see `_configurations`) is read from the study when not given, and the asked
+        configuration is added to it.
         """
-        seen = {
-            json.dumps(t.params, sort_keys=True)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        }
+        seen = _configurations(study) if seen is None else seen
         for attempt in range(max_repeats + 1):
             trial = study.ask()
             technique, params = suggest(trial, self.space)
-            if json.dumps(trial.params, sort_keys=True) not in seen or attempt == max_repeats:
+            key = json.dumps(trial.params, sort_keys=True)
+            if key not in seen or attempt == max_repeats:
                 break
             trial.set_user_attr("repeat_of_measured_config", True)
             study.tell(trial, state=TrialState.PRUNED)
-        trial.set_user_attr("technique", technique)
-        trial.set_user_attr("params", params)
+        seen.add(key)
         return trial, technique, params
 
-    def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any]) -> bool:
-        """Log to MLflow first, then tell Optuna (resume relies on this order)."""
+    def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any],
+                logged_before: bool = True) -> bool:
+        """Log to MLflow first, then tell Optuna (resume relies on this order).
+
+        `logged_before=False` skips looking for an earlier run of this trial: true of every trial
+        the loop finishes (asked by this run, logged once), not of those a resume reconciles.
+        """
         values = None
         if record.get("status") == "ok":
             metrics = record["metrics"]
@@ -312,8 +448,9 @@ class Controller:
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 record = {**record, "status": "failed", "error": f"objective values not finite: {dict(zip(self.objectives, values))}"}
                 values = None
-        run_id = recorder.log_trial(parent, trial.number, record, self.spec_json)
+        run_id = recorder.log_trial(parent, trial.number, record, self.spec_json, may_exist=logged_before)
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("technique", record.get("technique"))
         trial.set_user_attr("label", record.get("label", ""))
         trial.set_user_attr("params", record.get("params", {}))
         trial.set_user_attr("actor", {k: record.get("actor", {}).get(k) for k in ("node_ip", "gpu_ids", "pid")})
@@ -341,22 +478,19 @@ class Controller:
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(frozen.params, skip_if_exists=False)
 
-    def _dead_actor_record(self, trial: Trial, error: Exception) -> dict[str, Any]:
+    def _dead_actor_record(self, dispatch: _Dispatch) -> dict[str, Any]:
+        failures = dispatch.actor_failures
         return {
-            "trial": trial.number,
-            "technique": trial.user_attrs.get("technique"),
-            "params": trial.user_attrs.get("params", {}),
+            "trial": dispatch.trial.number,
+            "technique": dispatch.technique,
+            "params": dispatch.params,
             "status": "failed",
-            "error": f"actor died during the trial: {type(error).__name__}: {str(error)[:1000]}",
+            "attempts": len(failures),
+            "error": f"actor died {len(failures)} time(s) (max_trial_retries {self.spec.actors.max_trial_retries}): "
+                     + "; ".join(failures),
             "traceback": None,
+            "actor": dict(dispatch.actor.info) if dispatch.actor else {},
         }
-
-    def _replace_actor(self) -> list[Any]:
-        try:
-            return start_actors(self.spec, 1)
-        except SweepError as error:
-            print(f"warning: could not replace a dead actor: {error}", file=sys.stderr)
-            return []
 
     def _progress_note(self, rows: list[dict[str, Any]]) -> str:
         complete = [r for r in rows if r["state"] == "complete"]

@@ -19,18 +19,29 @@ from optuna.trial import TrialState
 from paretoray.actors.metrics import METRICS
 
 
-def pareto_numbers(study: optuna.Study) -> set[int]:
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+def pareto_numbers(study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None) -> set[int]:
+    """Numbers of the trials on Optuna's front (`study.best_trials`), from `trials` when given."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         return set()
-    return {t.number for t in study.best_trials}
+    try:
+        # What `best_trials` computes, minus its deep copy of every trial (the controller asks
+        # after each trial, and the copy grows with the study).
+        from optuna.study._constrained_optimization import _is_constrained_optimization
+        from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+    except ImportError:  # a later Optuna moved them: the public property gives the same front
+        return {t.number for t in study.best_trials}
+    constrained = _is_constrained_optimization(trials)
+    return {t.number for t in _get_pareto_front_trials_by_trials(trials, study.directions, consider_constraint=constrained)}
 
 
 def trial_rows(study: optuna.Study, objectives: list[str]) -> list[dict[str, Any]]:
     """One plain record per finished trial (complete or failed), in trial order."""
-    front = pareto_numbers(study)
+    trials = study.get_trials(deepcopy=False)
+    front = pareto_numbers(study, trials)
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        if t.user_attrs.get("interrupted"):
+    for t in trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.FAIL) or t.user_attrs.get("interrupted"):
             continue  # re-asked as a new trial on resume
         metrics = t.user_attrs.get("metrics", {})
         rows.append(

@@ -103,8 +103,12 @@ class Recorder:
         """A run left half-written by a controller that died: hide it, its trial will run again."""
         self.client.delete_run(run_id)
 
-    def log_trial(self, parent_run_id: str, number: int, record: dict[str, Any], spec_json: dict[str, Any]) -> str:
-        existing = self.find_trial_run(parent_run_id, number)
+    def log_trial(
+        self, parent_run_id: str, number: int, record: dict[str, Any], spec_json: dict[str, Any], may_exist: bool = True
+    ) -> str:
+        """One nested run for trial `number`; a finished run already there is reused (`may_exist=False`:
+        the caller knows there is none, and the search is skipped)."""
+        existing = self.find_trial_run(parent_run_id, number) if may_exist else None
         if existing is not None and existing.info.status in ("FINISHED", "FAILED"):
             return existing.info.run_id
         if existing is not None:
@@ -126,6 +130,7 @@ class Recorder:
             "paretoray.node_ip": str(actor.get("node_ip", "local")),
             "paretoray.node_id": str(actor.get("node_id", "local")),
             "paretoray.gpu_ids": ",".join(actor.get("gpu_ids", [])) or "none",
+            "paretoray.attempts": str(record.get("attempts", 1)),
             "pareto": "false",
         }
         tags.update({f"env.{k}": str(v) for k, v in record.get("env", {}).items()})
@@ -148,8 +153,14 @@ class Recorder:
 
     # ---- the front ------------------------------------------------------------------------
 
-    def update_front(self, parent_run_id: str, study: optuna.Study, objectives: list[str]) -> list[dict[str, Any]]:
-        """Tag front members, log the front table and plots on the parent run."""
+    def update_front(
+        self, parent_run_id: str, study: optuna.Study, objectives: list[str], artifacts: bool = True
+    ) -> list[dict[str, Any]]:
+        """Tag front members and log the parent's counts; with `artifacts`, also the front's tables and plots.
+
+        The tags and counts are cheap and kept current after every trial; the artifacts are not,
+        and the controller asks for them every few trials and at the end.
+        """
         rows = pareto.trial_rows(study, objectives)
         for row in rows:
             run_id = row["mlflow_run_id"]
@@ -166,7 +177,7 @@ class Recorder:
                 Metric("pareto_size", sum(r["pareto"] for r in rows), 0, len(rows)),
             ],
         )
-        if not complete:
+        if not complete or not artifacts:
             return rows
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)

@@ -94,8 +94,24 @@ class SamplerSpec(_Strict):
 
 class ActorsSpec(_Strict):
     count: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(
+        0.0, ge=0,
+        description="GPUs per actor: a fraction (0.25) packs small models on one GPU; a whole number > 1 reserves "
+        "that many GPUs on one node as a placement group",
+    )
     num_cpus: float = Field(1.0, gt=0)
+    spread: bool = Field(False, description="place actors on as many nodes as possible (Ray's SPREAD strategy)")
+    max_trial_retries: int = Field(
+        1, ge=0, le=10, description="times a trial whose actor died is sent to another actor before it is recorded failed"
+    )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpus: float) -> float:
+        # Ray can share one GPU between actors, but cannot give an actor a GPU and a part of another.
+        if gpus > 1 and not float(gpus).is_integer():
+            raise ValueError(f"above 1, GPUs per actor must be a whole number (a fraction only packs actors on one GPU), got {gpus}")
+        return gpus
 
 
 class SweepSpec(_Strict):

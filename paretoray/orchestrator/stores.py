@@ -4,17 +4,39 @@ Embedded defaults put both on SQLite under `./paretoray-runs/` (override the fol
 `PARETORAY_HOME`). Every command takes `--tracking-uri` and `--storage`, which fall back to
 `PARETORAY_TRACKING_URI` and `PARETORAY_STORAGE`. A storage ending in `.log` or `.journal` (or
 starting with `journal:`) is Optuna's crash-safe journal file.
+
+On a cluster both stores go on PostgreSQL (`postgresql://user:password@host:5432/db`, with the
+`cluster` extra's psycopg), or the tracking URI is an MLflow server (`http://HEAD:5000`), which
+then also keeps the artifacts. For a database tracking URI, artifacts go to
+`PARETORAY_ARTIFACT_ROOT` when set (an `s3://` or shared-folder URI that `paretoray ui` can read
+from elsewhere), else to `artifacts/` beside the local stores.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+
+
+class StoreError(ValueError):
+    """A store URL that cannot be used here; the message says what to install or change."""
+
+
+def _check_driver(url: str, flag: str) -> None:
+    # SQLAlchemy 2.1 reads plain postgresql:// URLs with psycopg 3 (postgresql+psycopg2:// picks psycopg2).
+    if url.startswith(("postgresql://", "postgresql+psycopg://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreError(f"{flag} {url.split('@')[-1]!r} is PostgreSQL, which needs psycopg: "
+                             "pip install 'paretoray[cluster]' (or 'psycopg[binary]')") from None
 
 
 @dataclass(frozen=True)
@@ -30,8 +52,21 @@ class Stores:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            write_ahead_log(Path(url.removeprefix("sqlite:///")))
         return RDBStorage(url, heartbeat_interval=None)
+
+
+def write_ahead_log(path: Path) -> None:
+    """Put a SQLite file (created if missing) in WAL mode, which stays with the file.
+
+    A commit then appends to the log and syncs it once, where the default rollback journal syncs
+    the journal and the database; with SQLite's default synchronous=FULL every commit is still
+    on disk when it returns. Readers (`paretoray results`, the MLflow UI) no longer block the
+    controller's writes. Not for network file systems, where SQLite itself is unsafe.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -42,12 +77,18 @@ def resolve_stores(tracking_uri: str | None = None, storage: str | None = None, 
     base = Path(home or os.environ.get("PARETORAY_HOME", "paretoray-runs")).absolute()
     tracking = tracking_uri or os.environ.get("PARETORAY_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
     study_storage = storage or os.environ.get("PARETORAY_STORAGE") or f"sqlite:///{base / 'optuna.db'}"
+    _check_driver(tracking, "--tracking-uri")
+    _check_driver(study_storage, "--storage")
     sqlite = _sqlite_path(tracking)
     if sqlite is not None:
-        sqlite.parent.mkdir(parents=True, exist_ok=True)
-        artifact_root: str | None = (sqlite.parent / "artifacts").absolute().as_uri()
-    elif tracking.startswith(("http://", "https://", "databricks")):
-        artifact_root = None
+        write_ahead_log(sqlite)
+    artifact_root: str | None
+    if tracking.startswith(("http://", "https://", "databricks")):
+        artifact_root = None  # the server keeps them (`mlflow server --serve-artifacts` proxies them)
+    elif os.environ.get("PARETORAY_ARTIFACT_ROOT"):
+        artifact_root = os.environ["PARETORAY_ARTIFACT_ROOT"]
+    elif sqlite is not None:
+        artifact_root = (sqlite.parent / "artifacts").absolute().as_uri()
     else:
         artifact_root = (base / "artifacts").as_uri()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

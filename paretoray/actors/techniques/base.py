@@ -132,6 +132,7 @@ class Technique:
     params: ClassVar[dict[str, Param]]
     phase: ClassVar[str] = "decode"  # what the technique changes: "none", "kv-cache", "decode" ...
     needs_draft: ClassVar[bool] = False  # generate() takes `draft=` (a second, smaller model)
+    uses_model: ClassVar[bool] = True  # False: `measure_without_model` replaces samples, dense reference and generation
 
     def __post_init__(self) -> None:
         problems = [f"{key}: {why}" for key, spec in self.params.items() if (why := spec.check(getattr(self, key)))]
@@ -146,6 +147,10 @@ class Technique:
 
         args = ",".join(f"{key}={show(getattr(self, key))}" for key in self.params)
         return f"{self.name}({args})" if args else self.name
+
+    def measure_without_model(self) -> dict[str, float]:
+        """The metrics of a technique that does no model work (`uses_model = False`)."""
+        raise NotImplementedError(f"{self.name} uses the model; the runner measures it by generating")
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         """The KV cache this technique decodes with; the default is the full (dense) cache."""
