@@ -59,7 +59,7 @@ def test_front_tags_every_trial_and_artifacts_only_when_asked(tmp_path):
     assert not {a.path for a in client.list_artifacts(parent)} & {"pareto_front.png", "trials.parquet"}
 
     recorder.update_front(parent, study, ["latency_ms_per_token", "accuracy"], artifacts=True)
-    assert {"pareto_front.png", "pareto_front.html", "trials.parquet"} <= {a.path for a in client.list_artifacts(parent)}
+    assert {"pareto_front.png", "report.html", "trials.parquet"} <= {a.path for a in client.list_artifacts(parent)}
 
 
 @pytest.mark.parametrize("constrained", [False, True])
