@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -157,12 +159,15 @@ class LocalRayCluster:
     def kill_node(self, name: str) -> None:
         """The node leaves the cluster abruptly: its raylet, its workers and its actors are killed."""
         node = self.nodes.pop(name)
+        # Collected before the kill: an actor's worker whose raylet is gone keeps answering its caller
+        # directly for a moment, and once orphaned it is no longer the node's descendant.
+        doomed = {child.pid for child in psutil.Process(node.process.pid).children(recursive=True)}
         try:
             os.killpg(node.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         node.process.wait(timeout=10)
-        for pid in _pids_naming(str(node.temp_dir)):
+        for pid in doomed | set(_pids_naming(str(node.temp_dir))):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

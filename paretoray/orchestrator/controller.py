@@ -171,8 +171,19 @@ def connect_ray(address: str | None, spec: SweepSpec) -> None:
         return
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
     if address:
-        ray.init(address=address, **quiet)
-        return
+        # A Ray Client proxy starts one server process per connecting driver; on a loaded head that
+        # start fails now and then ("Starting Ray client server failed"), and a second try succeeds.
+        attempts = 3 if address.startswith("ray://") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(address=address, **quiet)
+                return
+            except ConnectionAbortedError as error:
+                if attempt == attempts:
+                    raise
+                print(f"note: Ray Client at {address} refused the connection ({str(error).splitlines()[0]}); "
+                      f"retrying ({attempt}/{attempts - 1})", file=sys.stderr)
+                time.sleep(2.0 * attempt)
     needed = spec.actors.count * spec.actors.num_cpus
     cpus = os.cpu_count() or 1
     if needed > cpus:
