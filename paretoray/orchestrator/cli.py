@@ -100,12 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 "target's own sampled continuations of shipped prompt templates (offline). Prints the report, "
                                 "including the acceptance rate of greedy specdec (gamma 4).")
     draft.add_argument("--model", default="smollm2-135m", help="the target (registry name, path or hub id)")
-    draft.add_argument("--layers", type=int, default=4, help="decoder layers the draft keeps (default 4)")
-    draft.add_argument("--steps", type=int, default=300, help="distillation steps (default 300)")
-    draft.add_argument("--prompts-per-set", type=int, default=48, help="prompts per template set (instructions, arithmetic, code)")
-    draft.add_argument("--new-tokens", type=int, default=96, help="tokens the target samples per prompt")
-    draft.add_argument("--head-vocab", type=int, default=8192,
-                       help="tokens the draft's output layer predicts over, the most frequent first (FR-Spec); 0: all (default 8192)")
+    # Defaults are the recipe of the registry's smollm2-135m-draft, so the command rebuilds that draft.
+    from paretoray.actors.registry import DRAFTS
+
+    recipe = DRAFTS["smollm2-135m-draft"]
+    draft.add_argument("--layers", type=int, default=recipe.layers, help=f"decoder layers the draft keeps (default {recipe.layers})")
+    draft.add_argument("--steps", type=int, default=recipe.steps, help=f"distillation steps (default {recipe.steps})")
+    draft.add_argument("--prompts-per-set", type=int, default=recipe.prompts_per_set,
+                       help=f"prompts per template set: instructions, arithmetic, code (default {recipe.prompts_per_set})")
+    draft.add_argument("--new-tokens", type=int, default=recipe.new_tokens,
+                       help=f"tokens the target samples per prompt (default {recipe.new_tokens})")
+    draft.add_argument("--head-vocab", type=int, default=recipe.head_vocab,
+                       help="tokens the draft's output layer predicts over, the most frequent first (FR-Spec); "
+                       f"0: all (default {recipe.head_vocab})")
     draft.add_argument("--out", type=Path, help="where to save (default: $PARETORAY_CACHE/drafts/MODEL-L{layers})")
     draft.add_argument("--seed", type=int, default=0)
 
@@ -115,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "saved beside the draft, and its calibration on held-out pairs is printed.")
     head.add_argument("--model", default="smollm2-135m", help="the target")
     head.add_argument("--draft", required=True, type=Path, help="the draft's folder (the head is saved there)")
-    head.add_argument("--prompts-per-set", type=int, default=16)
-    head.add_argument("--new-tokens", type=int, default=48)
-    head.add_argument("--steps", type=int, default=500)
+    head.add_argument("--prompts-per-set", type=int, default=recipe.head_prompts_per_set,
+                      help=f"prompts per template set the draft continues (default {recipe.head_prompts_per_set})")
+    head.add_argument("--new-tokens", type=int, default=48, help="tokens drafted and judged per prompt (default 48)")
+    head.add_argument("--steps", type=int, default=recipe.head_steps, help=f"training steps (default {recipe.head_steps})")
     head.add_argument("--temperature", type=float, default=0.0, help="0: labels for greedy verification; > 0: soft labels min(1, p/q)")
     head.add_argument("--seed", type=int, default=0)
 
