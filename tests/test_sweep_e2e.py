@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,3 +170,39 @@ def test_resume_after_controller_died(ray_session, tiny_model_dir, tmp_path, cap
     assert running.number not in numbers
     assert client.get_run(parent).info.status == "FINISHED"
     assert len(results_json(capsys, "resumable", stores)) == 5
+
+
+@pytest.mark.slow
+def test_fast_trials_refresh_the_front_at_most_once_a_second_and_at_the_end(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """Front tags read every trial from storage: a burst of instant trials must not pay that per trial,
+    and the sweep must still end with every front member tagged and the parent's counts complete."""
+    data = {
+        "name": "burst",
+        "model": {"id": str(tiny_model_dir), "dtype": "float32"},
+        "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1, "max_new_tokens": 2},
+        "techniques": {"noop": {"sleep_s": 0.0, "knob": {"low": 0.0, "high": 1.0}}},
+        "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
+        "sampler": {"name": "random", "seed": 0},
+        "trials": 30,
+        "actors": {"count": 2, "num_cpus": 0.5},
+    }
+    stores = resolve_stores(home=str(tmp_path))
+    refreshes = []
+    original = Recorder.update_front
+
+    def counted(self, *args, **kwargs):
+        refreshes.append(time.perf_counter())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Recorder, "update_front", counted)
+    result = Controller(parse(data, "<burst>"), stores).run(progress=False)
+    assert result.trials_finished == 30
+    assert len(refreshes) < 30  # not once per trial ...
+    in_loop = refreshes[:-1]  # ... the last is the sweep's final refresh
+    assert all(b - a >= 0.99 for a, b in zip(in_loop, in_loop[1:]))
+    client = MlflowClient(stores.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["trials_finished"] == 30
+    front = {r["mlflow_run_id"] for r in result.rows if r["pareto"]}
+    tagged = {r.info.run_id for r in client.search_runs([parent.info.experiment_id], "tags.pareto = 'true'")}
+    assert tagged == front and front
