@@ -21,6 +21,9 @@ objectives, `max_concurrent_trials=k`, the same CPU share per trial) on the same
 then report the same synthetic metrics. Its figure is trials / `Tuner.fit()` wall time; Tune keeps
 its study in memory and writes its own result files, where paretoray writes SQLite and MLflow.
 
+`--optuna journal` keeps the study in Optuna's journal file (`--storage X.log`) instead of SQLite:
+appending JSON lines skips the SQL layer, which is most of Optuna's share of a trial.
+
 `--tracking server` puts MLflow behind an `mlflow server` on loopback, as on a cluster's head:
 the controller then makes HTTP calls and the server process does the database work.
 
@@ -63,7 +66,7 @@ def noop_metrics(knob: float) -> dict[str, float]:
 
 
 def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: int, sleep_s: float, cpus: float,
-                  tracking_uri: str | None = None) -> dict:
+                  tracking_uri: str | None = None, storage: str | None = None) -> dict:
     spec = parse(
         {
             "name": name,
@@ -78,7 +81,7 @@ def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: i
         f"<{name}>",
     )
     started = time.perf_counter()
-    result = Controller(spec, resolve_stores(tracking_uri, home=str(home))).run(progress=False)
+    result = Controller(spec, resolve_stores(tracking_uri, storage, home=str(home))).run(progress=False)
     return {
         "trials": result.trials_run,
         "trials_per_s": result.trials_run / result.loop_s,
@@ -87,7 +90,7 @@ def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: i
     }
 
 
-def store_breakdown(home: Path, trials: int, tracking_uri: str | None = None) -> dict[str, dict[str, float]]:
+def store_breakdown(home: Path, trials: int, tracking_uri: str | None = None, storage: str | None = None) -> dict[str, dict[str, float]]:
     """Where a trial's controller time goes: the same store calls the controller makes per trial,
     timed one by one outside Ray, with the SQL statements each sends (counted per database)."""
     from collections import defaultdict
@@ -103,7 +106,7 @@ def store_breakdown(home: Path, trials: int, tracking_uri: str | None = None) ->
         statements[connection.engine.url.database.rsplit("/", 1)[-1]] += 1
 
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", count)
-    stores = resolve_stores(tracking_uri, home=str(home))
+    stores = resolve_stores(tracking_uri, storage, home=str(home))
     recorder = Recorder(stores, "breakdown")
     spec_json = {"model": {"id": "m", "dtype": "auto"}, "sampler": {"name": "random"}, "trials": trials,
                  "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1},
@@ -186,9 +189,15 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true", help="skip the Ray Tune peer")
     parser.add_argument("--breakdown", action="store_true",
                         help="only time the store calls of a trial one by one, outside Ray (where the overhead goes)")
+    parser.add_argument("--optuna", choices=["sqlite", "journal"], default="sqlite",
+                        help="Optuna's storage: SQLite (the default store) or its journal file (--storage X.log)")
     parser.add_argument("--tracking", choices=["sqlite", "server"], default="sqlite",
                         help="MLflow on a SQLite file (default), or an `mlflow server` on loopback (as on a cluster's head)")
     args = parser.parse_args()
+
+    def journal(folder: Path, tag: str) -> str | None:  # one journal file per run: a journal replays whole on load
+        return str(folder / f"optuna-{tag}.log") if args.optuna == "journal" else None
+
 
     from tests.tiny import save_tiny_llama
 
@@ -200,7 +209,8 @@ def main() -> None:
 
         server = start_mlflow_server(folder / "mlflow-server")
     if args.breakdown:
-        steps = store_breakdown(folder / "stores", max(args.min_trials, 60), server.url if server else None)
+        steps = store_breakdown(folder / "stores", max(args.min_trials, 60), server.url if server else None,
+                                journal(folder / "stores", "breakdown"))
         if server is not None:
             server.stop()
         for name, figures in steps.items():
@@ -221,7 +231,7 @@ def main() -> None:
                     tag = f"k{actors}-s{sleep_s:g}-r{repeat}"
                     if system == "paretoray":
                         run = run_paretoray(model_dir, folder / "stores", f"bench-{tag}", actors, trials, sleep_s, share,
-                                            server.url if server else None)
+                                            server.url if server else None, journal(folder / "stores", tag))
                     else:
                         run = run_tune(folder / "tune" / tag, actors, trials, sleep_s, share)
                     if repeat:
@@ -242,7 +252,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "orchestrator_overhead", "commit": commit, "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "ray": ray.__version__,
-        "repeats": args.repeats, "tracking": args.tracking, "rows": rows,
+        "repeats": args.repeats, "tracking": args.tracking, "optuna": args.optuna, "rows": rows,
     }))
 
 
