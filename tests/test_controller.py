@@ -63,3 +63,18 @@ def test_repeated_configurations_are_not_measured_twice(tmp_path):
     # The space is exhausted now: after the bound, a repeat is run rather than looping forever.
     trial, _, _ = controller._ask_new(study, max_repeats=3)
     assert json.dumps(trial.params, sort_keys=True) in measured
+
+
+def test_a_failed_forced_repeat_does_not_forget_the_trial_that_measured_it(tmp_path):
+    from paretoray.orchestrator.controller import _configurations
+
+    controller = Controller(spec("random"), resolve_stores(home=str(tmp_path)))
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(controller.spec))
+    for _ in range(5):  # the whole grid, measured
+        trial, _, _ = controller._ask_new(study)
+        study.tell(trial, [1.0, 0.5])
+    seen = _configurations(study)
+    trial, _, _ = controller._ask_new(study, seen, max_repeats=3)  # exhausted: a measured configuration again
+    key = json.dumps(trial.params, sort_keys=True)
+    seen[key] -= 1  # what the trial loop does when that repeat fails
+    assert seen[key] == 1  # still measured by its first trial: not proposed as new

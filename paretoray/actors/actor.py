@@ -18,8 +18,8 @@ class Placement:
 
     - `num_gpus` < 1 shares a GPU: Ray packs 1/num_gpus actors on each.
     - `num_gpus` = 1 gives each actor a GPU of its own.
-    - `num_gpus` > 1 (whole) reserves that many GPUs of one node in a STRICT_PACK placement group
-      per actor, which also holds any task the actor starts (a tensor-parallel engine's workers).
+    - `num_gpus` > 1 (whole) reserves that many GPUs of one node in a placement group per actor,
+      one bundle that the actor holds whole: it sees them all (the model loads on the first).
     - `spread` asks Ray's SPREAD strategy to use as many nodes as it can (actors without a
       placement group only: a multi-GPU actor goes where a node has its GPUs free).
     """

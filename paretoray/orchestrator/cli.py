@@ -344,12 +344,9 @@ def _moa(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from paretoray.orchestrator.stores import StoreError, resolve_stores
+    from paretoray.orchestrator.stores import resolve_stores
 
-    try:
-        stores = resolve_stores(args.tracking_uri, args.storage)
-    except StoreError as error:
-        return _fail(str(error))
+    stores = resolve_stores(args.tracking_uri, args.storage)
     if stores.tracking_uri.startswith(("http://", "https://")):
         # A tracking server (a cluster's head) is already the UI: starting another would only proxy it.
         print(f"MLflow UI: {stores.tracking_uri}  (the tracking server itself; nothing to start)")
@@ -377,6 +374,15 @@ def _ui(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from paretoray.orchestrator.stores import StoreError
+
+    try:
+        return _dispatch(args)
+    except StoreError as error:  # a store URL this machine cannot use (a driver missing, ...), for every command
+        return _fail(str(error))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "results":

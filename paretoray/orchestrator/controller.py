@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,12 +222,15 @@ class _LoopStats:
     wall_s: float = 0.0
 
 
-def _configurations(study: optuna.Study) -> set[str]:
-    """The configurations measured (complete) or being measured (running), as comparable keys."""
-    return {
+def _configurations(study: optuna.Study) -> Counter[str]:
+    """How many trials measured (complete) or are measuring (running) each configuration, by comparable key.
+
+    Counted, not a set: a configuration run again after too many repeats that then fails must not
+    forget the earlier trial that measured it."""
+    return Counter(
         json.dumps(t.params, sort_keys=True)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    }
+    )
 
 
 def _note_gpus_unused(actors: list[PoolActor]) -> None:
@@ -250,7 +253,6 @@ class Controller:
         self.objectives = list(spec.objectives)
         self.storage = stores.optuna_storage()
         self._in_flight: dict[Any, _Dispatch] = {}
-        self._pool: ActorPool | None = None
 
     @classmethod
     def for_resume(cls, name: str, stores: Stores) -> Controller:
@@ -282,45 +284,54 @@ class Controller:
         if ray_address is None and self.spec.actors.num_gpus > gpus:
             raise SweepError(f"actors.num_gpus is {self.spec.actors.num_gpus} but this machine has {gpus:g} GPU(s): "
                              "set actors.num_gpus: 0, or run on a cluster with --ray-address")
-        pool = self._pool = ActorPool(self.spec)
+        pool = ActorPool(self.spec)
         try:
             _note_gpus_unused(pool.start(self.spec.actors.count))
         except ActorStartError as error:
             raise SweepError(str(error)) from None
 
-        recorder = Recorder(self.stores, self.name)
-        directions = [self.spec.objectives[o] for o in self.objectives]
-        study = optuna.create_study(
-            study_name=self.name, storage=self.storage, directions=directions, sampler=make_sampler(self.spec), load_if_exists=resume
-        )
-        if not exists:
-            study.set_user_attr(SPEC_ATTR, self.spec_json)
-            if self.spec_text is not None:
-                study.set_user_attr(SPEC_TEXT_ATTR, self.spec_text)
-            study.set_user_attr("paretoray.objectives", self.objectives)
-            study.set_user_attr(PARENT_ATTR, recorder.start_sweep(self.spec_json, self.spec_text))
-        parent = study.user_attrs[PARENT_ATTR]
-        if resume:
-            recorder.reopen_sweep(parent)
-            self._reconcile(study, recorder, parent)
-
-        done_before = len(finished_trials(study))
-        bar = tqdm(total=target, initial=min(done_before, target), desc=f"sweep {self.name}", unit="trial", disable=not progress, dynamic_ncols=True)
-        status = "FINISHED"
+        # From here on the actors hold GPUs and placement groups: every exit shuts them down first,
+        # before anything that may fail again (an MLflow store that is down) gets a chance to.
+        parent: str | None = None
+        bar = None
+        finished = False
         try:
+            recorder = Recorder(self.stores, self.name)
+            directions = [self.spec.objectives[o] for o in self.objectives]
+            study = optuna.create_study(
+                study_name=self.name, storage=self.storage, directions=directions, sampler=make_sampler(self.spec),
+                load_if_exists=resume,
+            )
+            if not exists:
+                study.set_user_attr(SPEC_ATTR, self.spec_json)
+                if self.spec_text is not None:
+                    study.set_user_attr(SPEC_TEXT_ATTR, self.spec_text)
+                study.set_user_attr("paretoray.objectives", self.objectives)
+                study.set_user_attr(PARENT_ATTR, recorder.start_sweep(self.spec_json, self.spec_text))
+            parent = study.user_attrs[PARENT_ATTR]
+            if resume:
+                recorder.reopen_sweep(parent)
+                self._reconcile(study, recorder, parent)
+
+            done_before = len(finished_trials(study))
+            bar = tqdm(total=target, initial=min(done_before, target), desc=f"sweep {self.name}", unit="trial",
+                       disable=not progress, dynamic_ncols=True)
             loop = self._trial_loop(study, recorder, parent, pool, target, done_before, bar)
-        except BaseException:
-            status = "KILLED"
-            raise
+            finished = True
         finally:
-            bar.close()
-            if status == "KILLED":
-                recorder.finish_sweep(parent, "KILLED")
+            if bar is not None:
+                bar.close()
             never_started = pool.shutdown(busy=[d.actor for d in self._in_flight.values() if d.actor is not None])
             self._in_flight = {}
             if never_started:
                 print(f"warning: {never_started} replacement actor(s) never started (the cluster had no room); removed",
                       file=sys.stderr)
+            if not finished and parent is not None:
+                try:
+                    recorder.finish_sweep(parent, "KILLED")
+                except Exception as error:  # the store that stopped the sweep; its own error is the one raised
+                    print(f"warning: the sweep's parent run could not be marked KILLED: {type(error).__name__}: {error}",
+                          file=sys.stderr)
         rows = recorder.update_front(parent, study, self.objectives, artifacts=True)
         recorder.finish_sweep(parent, "FINISHED")
         return SweepResult(
@@ -389,7 +400,7 @@ class Controller:
                 record = ray.get(ref)
                 record["attempts"] = len(dispatch.actor_failures) + 1
                 pool.idle.append(dispatch.actor)
-            except ray.exceptions.RayActorError as error:
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:  # a lost result: its node left
                 pool.lost(dispatch.actor)
                 where = dispatch.actor.info
                 dispatch.actor_failures.append(f"actor pid {where.get('pid')} on node {where.get('node_ip')} died: {actor_failure(error)}")
@@ -404,7 +415,7 @@ class Controller:
                 record["actor_failures"] = list(dispatch.actor_failures)
             ok = self._finish(study, recorder, parent, dispatch.trial, record, logged_before=False)
             if not ok:  # as before: a failed configuration may be proposed and measured again
-                asked.discard(json.dumps(dispatch.trial.params, sort_keys=True))
+                asked[json.dumps(dispatch.trial.params, sort_keys=True)] -= 1
             stats.failed += not ok
             stats.finished += 1
             done += 1
@@ -430,7 +441,7 @@ class Controller:
 
     # ---- per trial ------------------------------------------------------------------------
 
-    def _ask_new(self, study: optuna.Study, seen: set[str] | None = None, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
+    def _ask_new(self, study: optuna.Study, seen: Counter[str] | None = None, max_repeats: int = 25) -> tuple[Trial, str, dict[str, Any]]:
         """Ask until Optuna proposes a configuration not measured or in flight already.
 
         A technique without parameters (dense) or a narrow integer range is proposed again and
@@ -445,11 +456,11 @@ class Controller:
             trial = study.ask()
             technique, params = suggest(trial, self.space)
             key = json.dumps(trial.params, sort_keys=True)
-            if key not in seen or attempt == max_repeats:
+            if not seen[key] or attempt == max_repeats:
                 break
             trial.set_user_attr("repeat_of_measured_config", True)
             study.tell(trial, state=TrialState.PRUNED)
-        seen.add(key)
+        seen[key] += 1
         return trial, technique, params
 
     def _finish(self, study: optuna.Study, recorder: Recorder, parent: str, trial: Trial, record: dict[str, Any],

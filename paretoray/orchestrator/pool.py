@@ -83,6 +83,9 @@ class ActorPool:
         except ray.exceptions.RayActorError as error:
             self.shutdown()
             raise ActorStartError(f"an actor could not start: {actor_failure(error)}") from None
+        except BaseException:  # Ctrl-C during a long model load: no actor or placement group outlives it
+            self.shutdown()
+            raise
         for ref, info in zip(refs, infos):
             placed, _ = self.starting.pop(ref)
             self.idle.append(PoolActor(placed, info))

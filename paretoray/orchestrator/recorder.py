@@ -18,7 +18,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from paretoray.dashboards import REPORT_FILE, live_report_html
 from paretoray.orchestrator import pareto
 from paretoray.orchestrator.stores import Stores
 
@@ -145,7 +144,9 @@ class Recorder:
         ]
         metrics.append(Metric("wall_s", float(record.get("wall_s", 0.0)), 0, 0))
         self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _flat_params(record).items()])
-        self.client.log_text(run_id, json.dumps(record, indent=1, default=str), RECORD_FILE)
+        text = json.dumps(record, indent=1, default=str)
+        self.client.log_text(run_id, text, RECORD_FILE)
+        self._records[run_id] = json.loads(text)  # as the report would read it back, without the download
         if record.get("traceback"):
             self.client.log_text(run_id, record["traceback"], "traceback.txt")
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
@@ -187,17 +188,22 @@ class Recorder:
             title = f"{self.sweep}: Pareto front ({len(complete)} trials)"
             pareto.plot_png(rows, objectives, title, folder / "pareto_front.png")
             names = ["trials.parquet", "pareto_front.parquet", "pareto_front.png"]
-            if self._write_report(study, parent_run_id, folder / REPORT_FILE):
-                names.append(REPORT_FILE)
+            report = self._write_report(study, parent_run_id, folder)
+            if report is not None:
+                names.append(report)
             for name in names:
                 self.client.log_artifact(parent_run_id, str(folder / name))
         return rows
 
-    def _write_report(self, study: optuna.Study, parent_run_id: str, path: Path) -> bool:
-        """The sweep's report page (paretoray.dashboards); a sweep never stops because it could not be drawn."""
+    def _write_report(self, study: optuna.Study, parent_run_id: str, folder: Path) -> str | None:
+        """The sweep's report page (paretoray.dashboards) written in `folder`: its file name, or None
+        if it could not be drawn (a sweep never stops for that)."""
+        from paretoray.dashboards import REPORT_FILE, live_report_html  # plotly loads only when a report is drawn
+
         try:
-            path.write_text(live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri), encoding="utf-8")
-            return True
+            html = live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri)
+            (folder / REPORT_FILE).write_text(html, encoding="utf-8")
+            return REPORT_FILE
         except Exception as error:
             print(f"warning: the sweep report could not be refreshed: {type(error).__name__}: {error}", file=sys.stderr)
-            return False
+            return None
