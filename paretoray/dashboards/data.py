@@ -23,8 +23,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
 from paretoray.orchestrator import pareto
-
-RECORD_FILE = "trial.json"
+from paretoray.orchestrator.recorder import RECORD_FILE
 MIN_TRIALS_FOR_IMPORTANCE = 5
 # Workload fields that change what a trial measures; `fidelity` only adds a metric.
 _WORKLOAD_FIELDS_IGNORED = {"fidelity"}

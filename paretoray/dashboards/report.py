@@ -21,14 +21,7 @@ def default_mlflow_url(tracking_uri: str) -> str:
 
 
 def load_sweep(name: str, stores: Stores, client: MlflowClient | None = None) -> SweepData:
-    from paretoray.orchestrator.controller import study_exists
-
-    storage = stores.optuna_storage()
-    if not study_exists(storage, name):
-        known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        raise ReportError(f"no sweep named {name!r} in {stores.storage}; known: {', '.join(known) or 'none'}")
-    study = optuna.load_study(study_name=name, storage=storage)
-    return collect_sweep(study, client or MlflowClient(tracking_uri=stores.tracking_uri))
+    return collect_sweep(stores.load_study(name), client or MlflowClient(tracking_uri=stores.tracking_uri))
 
 
 def report_html(names: list[str], stores: Stores, force: bool = False, mlflow_url: str | None = None,

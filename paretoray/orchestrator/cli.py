@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 
 EXAMPLES = """\
 examples:
@@ -224,15 +223,9 @@ def _table(frame, objectives: list[str]) -> str:
 
 def _results(args: argparse.Namespace) -> int:
     from paretoray.orchestrator import pareto
-    from paretoray.orchestrator.controller import study_exists
     from paretoray.orchestrator.stores import resolve_stores
 
-    stores = resolve_stores(args.tracking_uri, args.storage)
-    storage = stores.optuna_storage()
-    if not study_exists(storage, args.name):
-        known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        return _fail(f"no sweep named {args.name!r} in {stores.storage}; known: {', '.join(known) or 'none'}")
-    study = optuna.load_study(study_name=args.name, storage=storage)
+    study = resolve_stores(args.tracking_uri, args.storage).load_study(args.name)
     objectives = study.user_attrs.get("paretoray.objectives") or [f"objective_{i}" for i in range(len(study.directions))]
     rows = pareto.trial_rows(study, objectives)
     if args.pareto:

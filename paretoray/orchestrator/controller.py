@@ -32,7 +32,7 @@ from tqdm import tqdm
 from paretoray.orchestrator.pool import ActorPool, ActorStartError, PoolActor, actor_failure
 from paretoray.orchestrator.recorder import Recorder
 from paretoray.orchestrator.spec import Constraint, Dimension, SweepSpec, constraints, grid_size, parse, search_space
-from paretoray.orchestrator.stores import Stores
+from paretoray.orchestrator.stores import StoreError, Stores
 
 SPEC_ATTR = "paretoray.spec"
 SPEC_TEXT_ATTR = "paretoray.spec_text"
@@ -256,11 +256,10 @@ class Controller:
 
     @classmethod
     def for_resume(cls, name: str, stores: Stores) -> Controller:
-        storage = stores.optuna_storage()
-        if not study_exists(storage, name):
-            known = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-            raise SweepError(f"no sweep named {name!r} in {stores.storage}; known: {', '.join(known) or 'none'}")
-        study = optuna.load_study(study_name=name, storage=storage)
+        try:
+            study = stores.load_study(name)
+        except StoreError as error:
+            raise SweepError(str(error)) from None
         spec = parse(study.user_attrs[SPEC_ATTR], f"sweep {name!r} (stored spec)")
         return cls(spec, stores, study.user_attrs.get(SPEC_TEXT_ATTR))
 

@@ -45,14 +45,23 @@ class Stores:
     storage: str
     artifact_root: str | None  # where new MLflow experiments keep artifacts (None: the server decides)
 
+    def load_study(self, name: str) -> optuna.Study:
+        """The sweep `name`'s study; a StoreError that lists the sweeps there when it is not one of them."""
+        storage = self.optuna_storage()
+        known = [summary.study_name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if name not in known:
+            raise StoreError(f"no sweep named {name!r} in {self.storage}; known: {', '.join(known) or 'none'}")
+        return optuna.load_study(study_name=name, storage=storage)
+
     def optuna_storage(self) -> BaseStorage:
         url = self.storage
         if url.startswith("journal:") or url.endswith((".log", ".journal")):
             path = Path(url.removeprefix("journal:").removeprefix("//"))
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-        if url.startswith("sqlite:///"):
-            write_ahead_log(Path(url.removeprefix("sqlite:///")))
+        sqlite = _sqlite_path(url)
+        if sqlite is not None:
+            write_ahead_log(sqlite)
         return RDBStorage(url, heartbeat_interval=None)
 
 
