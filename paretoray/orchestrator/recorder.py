@@ -159,8 +159,8 @@ class Recorder:
     ) -> list[dict[str, Any]]:
         """Tag front members and log the parent's counts; with `artifacts`, also the front's tables and plots.
 
-        The tags and counts are cheap and kept current after every trial; the artifacts are not,
-        and the controller asks for them every few trials and at the end.
+        The controller asks for the tags and counts at most once a second and for the artifacts
+        (which take about a second to draw) at most every 30 s, and for both at the end.
         """
         rows = pareto.trial_rows(study, objectives)
         for row in rows:
