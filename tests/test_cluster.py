@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import optuna
 import pytest
@@ -30,6 +29,7 @@ from paretoray.orchestrator.pool import ActorPool, ActorStartError
 from paretoray.orchestrator.spec import parse
 from paretoray.orchestrator.stores import resolve_stores
 from tests.localcluster import ROOT, child_env
+from tests.tiny import noop_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -58,20 +58,6 @@ def postgres_url():
     yield url
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def noop_spec(model_dir: Path, name: str, *, trials: int, count: int, sleep_s: float, num_gpus: float = 0,
-              spread: bool = False, retries: int = 1) -> dict:
-    return {
-        "name": name,
-        "model": {"id": str(model_dir), "dtype": "float32"},
-        "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1, "max_new_tokens": 2},
-        "techniques": {"noop": {"sleep_s": sleep_s, "knob": {"low": 0.0, "high": 1.0}}},
-        "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": trials,
-        "actors": {"count": count, "num_cpus": 1, "num_gpus": num_gpus, "spread": spread, "max_trial_retries": retries},
-    }
 
 
 def child_runs(tracking_uri: str, experiment: str) -> list:

@@ -25,6 +25,7 @@ from paretoray.orchestrator.controller import PARENT_ATTR, Controller, SweepErro
 from paretoray.orchestrator.recorder import Recorder
 from paretoray.orchestrator.spec import parse
 from paretoray.orchestrator.stores import resolve_stores
+from tests.tiny import noop_spec
 
 pytestmark = pytest.mark.slow
 
@@ -176,16 +177,7 @@ def test_resume_after_controller_died(ray_session, tiny_model_dir, tmp_path, cap
 def test_fast_trials_refresh_the_front_at_most_once_a_second_and_at_the_end(ray_session, tiny_model_dir, tmp_path, monkeypatch):
     """Front tags read every trial from storage: a burst of instant trials must not pay that per trial,
     and the sweep must still end with every front member tagged and the parent's counts complete."""
-    data = {
-        "name": "burst",
-        "model": {"id": str(tiny_model_dir), "dtype": "float32"},
-        "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1, "max_new_tokens": 2},
-        "techniques": {"noop": {"sleep_s": 0.0, "knob": {"low": 0.0, "high": 1.0}}},
-        "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 30,
-        "actors": {"count": 2, "num_cpus": 0.5},
-    }
+    data = noop_spec(tiny_model_dir, "burst", trials=30, count=2, sleep_s=0.0)
     stores = resolve_stores(home=str(tmp_path))
     refreshes = []
     original = Recorder.update_front

@@ -83,3 +83,18 @@ def save_tiny_llama(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def noop_spec(model_dir: Path, name: str, *, trials: int, count: int, sleep_s: float, num_gpus: float = 0,
+              spread: bool = False, retries: int = 1) -> dict:
+    """A sweep of the `noop` technique (trials of known length, no model work) on the tiny model."""
+    return {
+        "name": name,
+        "model": {"id": str(model_dir), "dtype": "float32"},
+        "workload": {"task": "passkey", "context_lengths": [128], "samples_per_length": 1, "max_new_tokens": 2},
+        "techniques": {"noop": {"sleep_s": sleep_s, "knob": {"low": 0.0, "high": 1.0}}},
+        "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},
+        "sampler": {"name": "random", "seed": 0},
+        "trials": trials,
+        "actors": {"count": count, "num_cpus": 1, "num_gpus": num_gpus, "spread": spread, "max_trial_retries": retries},
+    }

@@ -351,7 +351,7 @@ class Controller:
                 gpu_ids=tuple(d.actor.info.get("gpu_ids", ())) if d.actor else (),
                 running_s=now - d.sent_at,
             )
-            for d in list(self._in_flight.copy().values())
+            for d in self._in_flight.copy().values()  # a copy: the loop thread adds and removes entries
         ]
 
     def _trial_loop(self, study: optuna.Study, recorder: Recorder, parent: str, pool: ActorPool, target: int,
