@@ -95,7 +95,7 @@ def run_fake_sweep(stores, data: dict, make_record=passkey_record, snapshot_afte
         if snapshot_after is not None and i + 1 == snapshot_after:
             recorder.update_front(parent, study, controller.objectives)
             snapshot = logged_report(stores, parent)
-    recorder.update_front(parent, study, controller.objectives)
+    recorder.update_front(parent, study, controller.objectives, final=True)
     recorder.finish_sweep(parent)
     return study, parent, snapshot
 
@@ -234,6 +234,22 @@ def test_report_logged_mid_sweep_grows_with_the_sweep(sweeps, stores):
     assert sum(early.values()) == 2 and sum(final.values()) == 5  # the third trial failed
     assert "sweep running" in snapshot and "sweep running" not in final_html
     assert "pareto_front.html" not in {a.path for a in MlflowClient(stores.tracking_uri).list_artifacts(parent)}
+
+
+def test_last_refresh_says_finished_when_fewer_trials_ran_than_the_spec_asks(sweeps, stores):
+    """`sweep run --trials N` below the spec's count (or a grid smaller than it): the report the
+    controller logs last, before it marks the parent finished, must not say the sweep is running."""
+    from paretoray.dashboards.data import collect_sweep
+
+    study, parent, _ = sweeps["quick"]
+    client = MlflowClient(stores.tracking_uri)
+    spec = study.user_attrs[SPEC_ATTR] | {"trials": 50}  # 5 ran
+    client.update_run(parent, status="RUNNING")  # as during the controller's last refresh
+    try:
+        assert collect_sweep(study, client, parent, spec=spec).running  # a refresh mid-sweep
+        assert not collect_sweep(study, client, parent, spec=spec, finished=True).running
+    finally:
+        client.update_run(parent, status="FINISHED")
 
 
 def test_overlay_refuses_different_workloads_unless_forced(sweeps, stores, tmp_path, capsys):

@@ -68,10 +68,9 @@ class SweepData:
 
     @property
     def running(self) -> bool:
-        """Still going: the controller refreshes the report before it marks the parent run finished,
-        so the last refresh is recognised by having nothing in flight and every trial done."""
-        target = self.trials_target or 0
-        return self.status == "RUNNING" and (self.in_flight > 0 or len(self.rows) < target)
+        """Still going. The controller's last refresh, made just before it marks the parent run
+        finished, passes that status in (`collect_sweep(finished=True)`)."""
+        return self.status == "RUNNING"
 
     def record(self, trial: int) -> dict[str, Any] | None:
         """The runner's full record of one trial (`trial.json` on its MLflow run), or None."""
@@ -200,6 +199,7 @@ def collect_sweep(
     parent_run_id: str | None = None,
     records: dict[str, dict[str, Any]] | None = None,
     spec: dict[str, Any] | None = None,
+    finished: bool = False,
 ) -> SweepData:
     """A sweep as a report sees it. `client` is an MlflowClient on the sweep's tracking store."""
     from paretoray.orchestrator.controller import PARENT_ATTR, SPEC_ATTR  # the controller imports us via the recorder
@@ -213,7 +213,7 @@ def collect_sweep(
     if parent_run_id:
         try:
             run = client.get_run(parent_run_id)
-            experiment_id, status = run.info.experiment_id, run.info.status
+            experiment_id, status = run.info.experiment_id, "FINISHED" if finished else run.info.status
         except Exception:
             notes.append(f"MLflow parent run {parent_run_id} not found in this tracking store: no run links")
     return SweepData(

@@ -342,7 +342,12 @@ _JS = """
         var rows = Array.prototype.slice.call(tbody.rows);
         rows.sort(function (a, b) {
           var x = a.cells[column].getAttribute("data-value"), y = b.cells[column].getAttribute("data-value");
-          var order = numeric ? (parseFloat(x) - parseFloat(y)) : x.localeCompare(y);
+          if (numeric) {  // a trial without this metric sorts last either way
+            var u = parseFloat(x), v = parseFloat(y);
+            if (isNaN(u) || isNaN(v)) return isNaN(u) - isNaN(v);
+            return ascending ? u - v : v - u;
+          }
+          var order = x.localeCompare(y);
           return ascending ? order : -order;
         });
         rows.forEach(function (row) { tbody.appendChild(row); });

@@ -39,7 +39,8 @@ def write_report(names: list[str], stores: Stores, out: Path, **options: Any) ->
 
 
 def live_report_html(study: optuna.Study, client: MlflowClient, parent_run_id: str, records: dict[str, dict[str, Any]],
-                     tracking_uri: str) -> str:
-    """The report the controller logs on the parent run each time it refreshes the front's artifacts."""
-    sweep = collect_sweep(study, client, parent_run_id=parent_run_id, records=records)
+                     tracking_uri: str, finished: bool = False) -> str:
+    """The report the controller logs on the parent run each time it refreshes the front's artifacts
+    (`finished`: the last one, with every trial in)."""
+    sweep = collect_sweep(study, client, parent_run_id=parent_run_id, records=records, finished=finished)
     return render_report(combine([sweep]), default_mlflow_url(tracking_uri), f"paretoray report {sweep.name}")

@@ -331,7 +331,7 @@ class Controller:
                 except Exception as error:  # the store that stopped the sweep; its own error is the one raised
                     print(f"warning: the sweep's parent run could not be marked KILLED: {type(error).__name__}: {error}",
                           file=sys.stderr)
-        rows = recorder.update_front(parent, study, self.objectives, artifacts=True)
+        rows = recorder.update_front(parent, study, self.objectives, artifacts=True, final=True)
         recorder.finish_sweep(parent, "FINISHED")
         return SweepResult(
             self.name, done_before + loop.finished, loop.failed, rows, parent, time.perf_counter() - started,

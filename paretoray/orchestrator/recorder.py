@@ -144,9 +144,7 @@ class Recorder:
         ]
         metrics.append(Metric("wall_s", float(record.get("wall_s", 0.0)), 0, 0))
         self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _flat_params(record).items()])
-        text = json.dumps(record, indent=1, default=str)
-        self.client.log_text(run_id, text, RECORD_FILE)
-        self._records[run_id] = json.loads(text)  # as the report would read it back, without the download
+        self.client.log_text(run_id, json.dumps(record, indent=1, default=str), RECORD_FILE)
         if record.get("traceback"):
             self.client.log_text(run_id, record["traceback"], "traceback.txt")
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
@@ -155,12 +153,13 @@ class Recorder:
     # ---- the front ------------------------------------------------------------------------
 
     def update_front(
-        self, parent_run_id: str, study: optuna.Study, objectives: list[str], artifacts: bool = True
+        self, parent_run_id: str, study: optuna.Study, objectives: list[str], artifacts: bool = True, final: bool = False
     ) -> list[dict[str, Any]]:
         """Tag front members and log the parent's counts; with `artifacts`, also the front's tables and plots.
 
         The controller asks for the tags and counts at most once a second and for the artifacts
-        (which take about a second to draw) at most every 30 s, and for both at the end.
+        (which take about a second to draw) at most every 30 s, and for both at the end (`final`:
+        the report then says the sweep is finished, not running).
         """
         rows = pareto.trial_rows(study, objectives)
         for row in rows:
@@ -188,20 +187,20 @@ class Recorder:
             title = f"{self.sweep}: Pareto front ({len(complete)} trials)"
             pareto.plot_png(rows, objectives, title, folder / "pareto_front.png")
             names = ["trials.parquet", "pareto_front.parquet", "pareto_front.png"]
-            report = self._write_report(study, parent_run_id, folder)
+            report = self._write_report(study, parent_run_id, folder, final)
             if report is not None:
                 names.append(report)
             for name in names:
                 self.client.log_artifact(parent_run_id, str(folder / name))
         return rows
 
-    def _write_report(self, study: optuna.Study, parent_run_id: str, folder: Path) -> str | None:
+    def _write_report(self, study: optuna.Study, parent_run_id: str, folder: Path, final: bool) -> str | None:
         """The sweep's report page (paretoray.dashboards) written in `folder`: its file name, or None
         if it could not be drawn (a sweep never stops for that)."""
         from paretoray.dashboards import REPORT_FILE, live_report_html  # plotly loads only when a report is drawn
 
         try:
-            html = live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri)
+            html = live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri, finished=final)
             (folder / REPORT_FILE).write_text(html, encoding="utf-8")
             return REPORT_FILE
         except Exception as error:
