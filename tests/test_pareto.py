@@ -15,10 +15,14 @@ ROWS = [row(0, 40.0, 0.0, 1.0, True), row(1, 50.0, 0.5, 2.0, True, "streaming_ll
 
 
 def test_staircase_turns_with_the_direction_of_x():
-    xs, ys, where = pareto._front_line(ROWS, ["latency_ms_per_token", "accuracy"])
+    xs, ys, where = pareto._front_line(ROWS, ["latency_ms_per_token", "accuracy"], ["minimize", "maximize"])
     assert (xs, ys, where) == ([40.0, 50.0, 60.0], [0.0, 0.5, 1.0], "post")  # x minimized: across, then up
-    assert pareto._front_line(ROWS, ["accuracy", "latency_ms_per_token"])[2] == "pre"  # x maximized: up, then across
-    assert pareto._front_line(ROWS, ["accuracy", "latency_ms_per_token", "kv_cache_mb"]) is None
+    assert pareto._front_line(ROWS, ["accuracy", "latency_ms_per_token"], ["maximize", "minimize"])[2] == "pre"  # x maximized: up, then across
+    # the study's direction decides, also for a metric the registry knows only by its base name
+    per_length = [r | {"metrics": {"accuracy/ctx1024": r["metrics"]["accuracy"], "latency_ms_per_token": r["metrics"]["latency_ms_per_token"]}}
+                  for r in ROWS]
+    assert pareto._front_line(per_length, ["accuracy/ctx1024", "latency_ms_per_token"], ["maximize", "minimize"])[2] == "pre"
+    assert pareto._front_line(ROWS, ["accuracy", "latency_ms_per_token", "kv_cache_mb"], ["maximize", "minimize", "minimize"]) is None
 
 
 def test_front_frame_and_plots(tmp_path):
@@ -26,5 +30,5 @@ def test_front_frame_and_plots(tmp_path):
     frame = pareto.front_frame(ROWS, objectives, pareto_only=True)
     assert frame["trial"].to_list() == [0, 1, 2]
     assert frame.columns[:6] == ["trial", "state", "technique", "label", "latency_ms_per_token", "accuracy"]
-    png = pareto.plot_png(ROWS, objectives, "t", tmp_path / "f.png")
+    png = pareto.plot_png(ROWS, objectives, ["minimize", "maximize"], "t", tmp_path / "f.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 
 from paretoray.actors.metrics import METRICS
 from paretoray.dashboards.data import ReportData, SweepData
+from paretoray.orchestrator import pareto
 
 REFERENCE = "dense"
 REFERENCE_COLOUR = "#3b3b3b"
@@ -193,9 +194,8 @@ def objective_pairs(objectives: list[str], directions: dict[str, str]) -> list[t
 
 
 def _staircase(points: list[dict[str, Any]], x: str, y: str, directions: dict[str, str]) -> tuple[list[float], list[float], str]:
-    ordered = sorted(points, key=lambda p: (p["metrics"][x], p["metrics"][y]))
     shape = "vh" if directions.get(x) == "maximize" else "hv"  # the step bounds what the front dominates
-    return [p["metrics"][x] for p in ordered], [p["metrics"][y] for p in ordered], shape
+    return *pareto.staircase(points, x, y), shape
 
 
 def _value(point: dict[str, Any], metric: str) -> Any:

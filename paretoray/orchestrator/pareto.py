@@ -106,25 +106,30 @@ def _complete(rows: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]
     return [r for r in rows if r["state"] == "complete" and finite(r["metrics"].get(x)) and finite(r["metrics"].get(y))]
 
 
-def _front_line(points: list[dict[str, Any]], objectives: list[str]) -> tuple[list[float], list[float], str] | None:
+def staircase(front: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """A two-objective front's members in the order its staircase line visits them."""
+    ordered = sorted(front, key=lambda r: (r["metrics"][x], r["metrics"][y]))
+    return [r["metrics"][x] for r in ordered], [r["metrics"][y] for r in ordered]
+
+
+def _front_line(points: list[dict[str, Any]], objectives: list[str], directions: list[str]) -> tuple[list[float], list[float], str] | None:
     """The front's staircase in the plotted plane, or None when the front lives in more dimensions.
 
     Returns xs, ys and where the step turns: horizontally first when x is minimized ("post"),
     vertically first when x is maximized ("pre"), so the line bounds what the front dominates.
+    `directions` are the study's, per objective ("minimize" / "maximize").
     """
     if len(objectives) != 2:
         return None  # members of a 3+-objective front can look dominated in a 2-D projection
-    x, y = objectives
-    front = sorted((r for r in points if r["pareto"]), key=lambda r: (r["metrics"][x], r["metrics"][y]))
-    where = "pre" if METRICS.get(x) is not None and METRICS[x].higher_is_better else "post"
-    return [r["metrics"][x] for r in front], [r["metrics"][y] for r in front], where
+    xs, ys = staircase([r for r in points if r["pareto"]], *objectives)
+    return xs, ys, "pre" if directions[0] == "maximize" else "post"
 
 
 def _front_label(objectives: list[str]) -> str:
     return "Pareto front" if len(objectives) <= 2 else f"Pareto front (over all {len(objectives)} objectives)"
 
 
-def plot_png(rows: list[dict[str, Any]], objectives: list[str], title: str, path: Path) -> Path:
+def plot_png(rows: list[dict[str, Any]], objectives: list[str], directions: list[str], title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +145,7 @@ def plot_png(rows: list[dict[str, Any]], objectives: list[str], title: str, path
         front = [r for r in mine if r["pareto"]]
         ax.scatter([r["metrics"][x] for r in dominated], [r["metrics"][y] for r in dominated], color=colour, alpha=0.3, s=25)
         ax.scatter([r["metrics"][x] for r in front], [r["metrics"][y] for r in front], color=colour, edgecolor="black", s=60, label=technique)
-    line = _front_line(points, objectives)
+    line = _front_line(points, objectives, directions)
     if line is not None:
         fx, fy, where = line
         ax.step(fx, fy, where=where, color="gray", linestyle=":", label="Pareto front")

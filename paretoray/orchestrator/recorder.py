@@ -185,7 +185,7 @@ class Recorder:
             table.write_parquet(folder / "trials.parquet")
             table.filter(table["pareto"]).write_parquet(folder / "pareto_front.parquet")
             title = f"{self.sweep}: Pareto front ({len(complete)} trials)"
-            pareto.plot_png(rows, objectives, title, folder / "pareto_front.png")
+            pareto.plot_png(rows, objectives, [d.name.lower() for d in study.directions], title, folder / "pareto_front.png")
             names = ["trials.parquet", "pareto_front.parquet", "pareto_front.png"]
             report = self._write_report(study, parent_run_id, folder, final)
             if report is not None:
