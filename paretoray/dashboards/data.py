@@ -35,7 +35,7 @@ class ReportError(ValueError):
 
 @dataclass
 class Importances:
-    """Optuna's parameter importances (PED-ANOVA) per target: reaching the front, then each objective."""
+    """Optuna's parameter importances (PED-ANOVA) per target: all objectives together, then each one."""
 
     by_target: dict[str, dict[str, float]]
     trials: int
@@ -163,7 +163,11 @@ def swept_dimensions(study: optuna.Study) -> dict[str, BaseDistribution]:
 
 def param_importances(study: optuna.Study, objectives: list[str], directions: dict[str, str]) -> Importances:
     """PED-ANOVA importances (Optuna's default evaluator, which handles each technique's conditional
-    parameters): of reaching the front, and of each objective on its own."""
+    parameters): of ranking high on all objectives together, and of each objective on its own.
+
+    With no target on a multi-objective study, PED-ANOVA's top region is the best non-domination
+    ranks (ties broken by hypervolume contribution), constraints ignored: near the front, not
+    exactly its members."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     n = len(complete)
     if n < MIN_TRIALS_FOR_IMPORTANCE:
@@ -177,7 +181,7 @@ def param_importances(study: optuna.Study, objectives: list[str], directions: di
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
     targets: dict[str, Callable[[optuna.trial.FrozenTrial], float] | None] = {}
     if len(objectives) > 1:
-        targets["reaching the Pareto front"] = None
+        targets["all objectives together (non-domination rank)"] = None
     for i, name in enumerate(objectives):
         sign = -1.0 if directions[name] == "maximize" else 1.0  # PED-ANOVA ranks lower as better
         targets[name] = (lambda t, i=i, sign=sign: sign * t.values[i]) if len(objectives) > 1 or sign < 0 else None
