@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from paretoray.actors.metrics import PeakMemory, device_name
+from paretoray.actors.measure import PeakMemory, device_name
 from paretoray.actors.models import load_model
 from paretoray.actors.techniques import build_technique, parse_technique
 

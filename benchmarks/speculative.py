@@ -34,7 +34,7 @@ import time
 import torch
 
 from paretoray.actors.generation import synchronize
-from paretoray.actors.metrics import device_name
+from paretoray.actors.measure import device_name
 from paretoray.actors.models import load_model
 from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
 from paretoray.actors.techniques import build_technique, parse_technique

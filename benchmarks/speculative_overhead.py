@@ -30,7 +30,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from paretoray.actors.generation import synchronize
-from paretoray.actors.metrics import device_name
+from paretoray.actors.measure import device_name
 from paretoray.actors.techniques import build_technique
 
 SHAPES = {

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from paretoray.actors.runner import TrialRunner, Workload
+from paretoray.actors.runner import TrialRunner
+from paretoray.actors.workload import Workload
 
 WORKLOAD = {"task": "passkey", "context_lengths": [256, 320], "samples_per_length": 2, "max_new_tokens": 5, "fidelity": True}
 
@@ -38,12 +39,37 @@ def test_trial_record_is_plain_data_with_every_metric(runner):
         assert key in record["env"]
 
 
-def test_dense_trial_agrees_with_its_own_baseline(runner):
-    record = runner.run_trial({"trial": 0, "technique": "dense", "params": {}, "workload": WORKLOAD})
-    assert record["status"] == "ok"
-    assert record["metrics"]["fidelity"] == 1.0
-    baseline = record["baseline"]
-    assert baseline["latency_ms_per_token"] > 0 and baseline["ttft_ms"] > 0
+def test_dense_paired_with_dense_gives_a_speedup_interval_containing_one(runner):
+    # 8 samples x 3 repeats, the order alternated: the paired ratios of identical work scatter around 1.
+    workload = WORKLOAD | {"context_lengths": [256], "samples_per_length": 8, "repeats": 3, "fidelity": True}
+    record = runner.run_trial({"trial": 0, "technique": "dense", "params": {}, "workload": workload})
+    assert record["status"] == "ok", record["traceback"]
+    metrics = record["metrics"]
+    assert "fidelity" not in metrics  # dense is lossless by construction: nothing to teacher-force
+    assert metrics["speedup_ci_low"] <= 1.0 <= metrics["speedup_ci_high"]
+    assert metrics["speedup_ci_low"] <= metrics["speedup"] <= metrics["speedup_ci_high"]
+    assert metrics["ttft_speedup_ci_low"] <= metrics["ttft_speedup"] <= metrics["ttft_speedup_ci_high"]
+    assert metrics["output_match"] == 1.0 and metrics["accuracy"] == metrics["dense_accuracy"]
+    assert metrics["dense_latency_ms_per_token"] > 0 and metrics["latency_ms_per_token"] > 0
+    rows = record["samples"]
+    assert len(rows) == 8 and all(r["repeats"] == 3 and r["speedup"] > 0 for r in rows)
+    assert all(r["output"] == r["dense_output"] for r in rows)
+
+
+def test_rows_carry_scores_paired_timings_and_intervals(runner):
+    record = runner.run_trial({"trial": 9, "technique": "streaming_llm", "params": {"window": 8}, "workload": WORKLOAD})
+    assert record["status"] == "ok", record["traceback"]
+    metrics, rows = record["metrics"], record["samples"]
+    for row in rows:
+        for key in ("accuracy", "dense_accuracy", "speedup", "ttft_speedup", "latency_ms_per_token",
+                    "dense_latency_ms_per_token", "ttft_ms", "dense_ttft_ms", "output", "dense_output"):
+            assert key in row, key
+        assert row["speedup"] == pytest.approx(row["dense_latency_ms_per_token"] / row["latency_ms_per_token"])
+    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+    assert metrics["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows) / len(rows))
+    dense_mean = sum(r["dense_accuracy"] for r in rows) / len(rows)
+    if dense_mean > 0:
+        assert metrics["relative_accuracy"] == pytest.approx(metrics["accuracy"] / dense_mean)
 
 
 def test_failing_trial_is_recorded_and_actor_stays_usable(runner):
@@ -65,7 +91,7 @@ def test_context_only_placement_is_recorded_and_compresses_before_the_question(r
     assert record["query_placement"] == "context_only"
     cfg = runner.model.config
     per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    samples = {s.sample_id: s for s in runner._workload_samples(Workload.from_dict(workload))}
+    samples = {s.sample_id: s for s in runner._workload_samples(Workload.model_validate(workload))}
     for row in record["samples"]:
         # The context is cut to 48 entries before the question exists; the whole question and the
         # decoded tokens (all but the last, never fed back) are appended after it.
@@ -93,7 +119,7 @@ def test_decoding_task_scores_equality_with_the_target(tiny_model_dir, tmp_path)
 
     draft = save_tiny_llama(tmp_path / "draft", num_layers=1, seed=4)
     speculative = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, draft=str(draft))
-    workload = {"task": "code", "context_lengths": [], "samples_per_length": 2, "max_new_tokens": 6, "fidelity": False}
+    workload = {"task": "code", "samples_per_length": 2, "max_new_tokens": 6, "fidelity": False}
     record = speculative.run_trial({"trial": 7, "technique": "specdec", "params": {"gamma": 2}, "workload": workload})
     assert record["status"] == "ok", record["traceback"]
     assert record["metrics"]["accuracy"] == record["metrics"]["output_match"] == 1.0
@@ -107,5 +133,5 @@ def test_a_technique_without_model_work_skips_samples_and_reference(runner):
     assert record["status"] == "ok", record["traceback"]
     assert record["metrics"] == {"accuracy": 0.5, "latency_ms_per_token": 3.25, "tokens_per_s": 1000.0 / 3.25}
     assert record["samples"] == [] and 0.05 <= record["wall_s"] < 2.0
-    assert Workload.from_dict(workload).key not in runner._references
+    assert Workload.model_validate(workload).key not in runner._samples
     json.dumps(record)

@@ -82,7 +82,12 @@ def test_valid_spec_space(tmp_path):
         ({"constraints": ["acc >= 0.5"]}, "constraints[0]", "unknown metric 'acc'"),
         ({"workload__task": "qa"}, "workload.task", "unknown task 'qa'; available: "),
         ({"workload__context_lengths": [8]}, "workload.context_lengths", ">= 64"),
-        ({"workload__context_lengths": []}, "workload", "needs at least one context length"),
+        ({"workload__context_lengths": []}, "workload.context_lengths", "at least 1 item"),
+        ({"workload__num_keys": 3}, "workload.num_keys", "unknown field"),  # passkey has one key
+        ({"workload__depths": [0.5, 2.0]}, "workload.depths", "fractions in [0, 1]"),
+        ({"workload__repeats": 0}, "workload.repeats", "greater than or equal to 1"),
+        ({"workload__seed": 2**40}, "workload.seed", "less than or equal to"),
+        ({"objectives": {"accuracy_ci_low": "minimize"}}, "objectives.accuracy_ci_low", "expected maximize"),
         ({"workload__samples_per_length": 0}, "workload.samples_per_length", "greater than or equal to 1"),
         ({"workload__extra": 1}, "workload.extra", "unknown field"),
         ({"trials": "ten"}, "trials", "valid integer"),
@@ -133,4 +138,13 @@ def test_cli_rejects_invalid_file_before_starting_anything(tmp_path):
 def test_decoding_task_needs_no_context_lengths(tmp_path):
     data = patched(workload={"task": "arithmetic", "samples_per_length": 3})
     spec = load_spec(write(tmp_path, data))
-    assert spec.workload.task == "arithmetic" and spec.workload.context_lengths == []
+    assert spec.workload.task == "arithmetic" and spec.workload.task_settings() == {"samples_per_length": 3}
+    assert spec.workload.task_object.config.samples_per_length == 3
+
+
+def test_dataset_workload_is_checked_before_anything_runs(tmp_path):
+    missing = patched(workload={"task": "dataset", "path": str(tmp_path / "none.jsonl"), "metric": "contains"})
+    found = problems(tmp_path, missing)
+    assert "workload.path" in found and "none.jsonl" in found["workload.path"]
+    bad_metric = patched(workload={"task": "dataset", "path": str(tmp_path / "none.jsonl"), "metric": "bleu"})
+    assert "workload.metric" in problems(tmp_path, bad_metric)

@@ -9,19 +9,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from paretoray.actors import workloads as wl
+from paretoray.actors.tasks import multikey_niah as _mk
+from paretoray.actors.tasks import passkey as _pk
+from paretoray.actors.tasks.haystack import FILLER
 
 _TOKENIZER: PreTrainedTokenizerFast | None = None
 
 
 def _corpus() -> list[str]:
     rng = random.Random(0)
-    lines = [wl.PASSKEY_INTRO, wl.NIAH_INTRO, wl.FILLER * 3, wl.PASSKEY_QUESTION, "0123456789"]
-    for word in wl.WORDS:
+    lines = [_pk.INTRO, _mk.INTRO, FILLER * 3, _pk.QUESTION, "0123456789"]
+    for word in _mk.WORDS:
         number = rng.randint(1_000_000, 9_999_999)
-        lines.append(wl.NIAH_NEEDLE.format(word=word, number=number))
-        lines.append(wl.NIAH_QUESTION.format(word=word))
-        lines.append(wl.PASSKEY_NEEDLE.format(key=rng.randint(10000, 99999)))
+        lines.append(_mk.NEEDLE.format(word=word, number=number))
+        lines.append(_mk.QUESTION.format(word=word))
+        lines.append(_pk.NEEDLE.format(key=rng.randint(10000, 99999)))
     return lines
 
 

@@ -1,116 +1,232 @@
-"""The metrics a trial reports, each with the direction that makes it better, and how memory is read.
+"""The metrics a trial reports: each one registry entry with its direction and its aggregation.
 
-Objectives and constraints in a sweep name these metrics; Optuna's directions come from here.
+A trial is measured as a table of per-sample rows (scores, paired timings, bytes, counters);
+`aggregate` turns the rows into the trial's metrics, with 95% intervals where an entry asks for
+one (`paretoray.actors.stats`). Objectives and constraints in a sweep name these metrics (or an
+interval bound, `accuracy_ci_low`); Optuna's directions come from here. Nothing here imports torch:
+the spec validator reads this registry. How time and memory are read lives in `measure.py`.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+from paretoray.actors import stats
+
+
+Row = dict[str, Any]  # one sample's measurements (the per-sample table of a trial)
+
+
+def _values(rows: list[Row], column: str) -> list[float]:
+    return [float(r[column]) for r in rows if r.get(column) is not None and math.isfinite(float(r[column]))]
+
+
+@dataclass(frozen=True)
+class Mean:
+    """Mean of a per-sample column; interval: Wilson for 0/1 values, bootstrap otherwise."""
+
+    column: str
+    interval: bool = False
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        values = _values(rows, self.column)
+        return sum(values) / len(values) if values else None
+
+    def bounds(self, rows: list[Row]) -> tuple[float, float] | None:
+        return stats.mean_interval(_values(rows, self.column)) if self.interval else None
+
+
+@dataclass(frozen=True)
+class Median:
+    """Median of a per-sample column; interval: order statistics (distribution-free)."""
+
+    column: str
+    interval: bool = False
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        values = _values(rows, self.column)
+        return statistics.median(values) if values else None
+
+    def bounds(self, rows: list[Row]) -> tuple[float, float] | None:
+        return stats.median_interval(_values(rows, self.column)) if self.interval else None
+
+
+@dataclass(frozen=True)
+class Max:
+    column: str
+    scale: float = 1.0
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        values = _values(rows, self.column)
+        return max(values) * self.scale if values else None
+
+    def bounds(self, rows: list[Row]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class RatioOfMeans:
+    """mean(numerator) / mean(denominator) over the same samples; interval: paired bootstrap."""
+
+    numerator: str
+    denominator: str
+    interval: bool = False
+
+    def _pairs(self, rows: list[Row]) -> tuple[list[float], list[float]]:
+        kept = [r for r in rows if r.get(self.numerator) is not None and r.get(self.denominator) is not None]
+        return [float(r[self.numerator]) for r in kept], [float(r[self.denominator]) for r in kept]
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        num, den = self._pairs(rows)
+        if not num or sum(den) == 0:
+            return None
+        return (sum(num) / len(num)) / (sum(den) / len(den))
+
+    def bounds(self, rows: list[Row]) -> tuple[float, float] | None:
+        return stats.ratio_of_means_interval(*self._pairs(rows)) if self.interval else None
+
+
+@dataclass(frozen=True)
+class RatioOfSums:
+    """sum(numerators) / sum(denominator) (counters: accepted / drafted); absent when the denominator is 0."""
+
+    numerators: tuple[str, ...]
+    denominator: str
+    offset: float = 0.0  # subtracted from each row's denominator (the prefill's token)
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        used = [r for r in rows if r.get(self.denominator) is not None]
+        den = sum(float(r[self.denominator]) - self.offset for r in used)
+        if not used or den <= 0 or any(r.get(c) is None for r in used for c in self.numerators):
+            return None
+        return sum(float(r[c]) for r in used for c in self.numerators) / den
+
+    def bounds(self, rows: list[Row]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Reciprocal:
+    """scale / median(column): tokens/s from ms/token."""
+
+    column: str
+    scale: float = 1000.0
+
+    def __call__(self, rows: list[Row]) -> float | None:
+        value = Median(self.column)(rows)
+        return self.scale / value if value else None
+
+    def bounds(self, rows: list[Row]) -> None:
+        return None
+
+
+Aggregation = Mean | Median | Max | RatioOfMeans | RatioOfSums | Reciprocal
 
 
 @dataclass(frozen=True)
 class Metric:
+    """A figure a trial reports: its direction, and how a trial's per-sample rows combine into it.
+
+    `aggregate` is None for metrics set directly by a technique that does no model work (noop).
+    With `per_length`, the value is also reported for each context length as `NAME/ctxN`.
+    """
+
     name: str
     higher_is_better: bool
     unit: str
     doc: str
+    aggregate: Aggregation | None = None
+    per_length: bool = False
 
     @property
     def direction(self) -> str:
         return "maximize" if self.higher_is_better else "minimize"
 
+    @property
+    def has_interval(self) -> bool:
+        return bool(getattr(self.aggregate, "interval", False))
+
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
-        Metric("accuracy", True, "fraction", "exact-match accuracy, mean over every sample (lengths x depths)"),
-        Metric("fidelity", True, "fraction", "teacher-forced next-token agreement with the dense model's continuation"),
-        Metric("output_match", True, "fraction", "samples whose generated tokens equal the dense model's own greedy output"),
-        Metric("latency_ms_per_token", False, "ms", "median decode step time over all samples (first token excluded)"),
-        Metric("ttft_ms", False, "ms", "median time to first token (prefill) over all samples"),
-        Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token"),
-        Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation"),
-        Metric("peak_memory_mb", False, "MiB", "CUDA max allocated on GPU, process peak RSS on CPU (largest sample)"),
-        Metric("speedup", True, "x", "dense latency_ms_per_token / this latency_ms_per_token, same actor"),
-        Metric("ttft_speedup", True, "x", "dense ttft_ms / this ttft_ms, same actor"),
-        Metric("acceptance_rate", True, "fraction", "speculative: draft tokens accepted / draft tokens proposed"),
-        Metric("tokens_per_target_call", True, "tokens", "speculative: tokens committed per verification, bonus or resampled token included"),
-        Metric("target_calls_per_token", False, "calls", "speculative: target forwards per generated token (autoregressive: 1)"),
-        Metric("draft_calls_per_token", False, "calls", "speculative: draft forwards per generated token"),
+        Metric("accuracy", True, "fraction", "the task's score (exact match, recall, F1...), mean over samples, with a 95% interval",
+               Mean("accuracy", interval=True), per_length=True),
+        Metric("dense_accuracy", True, "fraction", "the dense model's accuracy on the same samples, measured in the same trial",
+               Mean("dense_accuracy")),
+        Metric("relative_accuracy", True, "x", "accuracy / dense_accuracy on the same samples (paired bootstrap interval)",
+               RatioOfMeans("accuracy", "dense_accuracy", interval=True)),
+        Metric("fidelity", True, "fraction", "teacher-forced next-token agreement with the dense model's continuation",
+               Mean("fidelity", interval=True)),
+        Metric("output_match", True, "fraction", "samples whose generated tokens equal the dense model's own greedy output",
+               Mean("output_match")),
+        Metric("latency_ms_per_token", False, "ms", "median over samples of each sample's median decode step (first token excluded)",
+               Median("latency_ms_per_token")),
+        Metric("dense_latency_ms_per_token", False, "ms", "the same for dense, timed back to back with the technique",
+               Median("dense_latency_ms_per_token")),
+        Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), per_length=True),
+        Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token")),
+        Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
+               Max("kv_cache_bytes", scale=1 / 2**20)),
+        Metric("peak_memory_mb", False, "MiB", "CUDA max allocated on GPU, process peak RSS on CPU (largest sample)",
+               Max("peak_memory_mb")),
+        Metric("speedup", True, "x", "median over samples of the paired ratio dense ms/token / technique ms/token "
+               "(back to back in one actor), with a distribution-free 95% interval", Median("speedup", interval=True)),
+        Metric("ttft_speedup", True, "x", "median over samples of the paired ratio dense TTFT / technique TTFT",
+               Median("ttft_speedup", interval=True)),
+        Metric("acceptance_rate", True, "fraction", "speculative: draft tokens accepted / draft tokens proposed",
+               RatioOfSums(("accepted",), "drafted")),
+        Metric("tokens_per_target_call", True, "tokens", "speculative: tokens committed per verification, bonus or resampled token included",
+               RatioOfSums(("accepted", "target_calls"), "target_calls")),
+        Metric("target_calls_per_token", False, "calls", "target forwards per generated token after the first (autoregressive: 1)",
+               RatioOfSums(("target_calls",), "new_tokens", offset=1.0)),
+        Metric("draft_calls_per_token", False, "calls", "speculative: draft forwards per generated token",
+               RatioOfSums(("draft_calls",), "new_tokens", offset=1.0)),
     ]
 }
 
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
 
 
-class PeakMemory:
-    """Peak memory of one measured region: CUDA max allocated, or the process's peak RSS on CPU.
-
-    On CPU the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs
-    (Linux >= 4.0), so each region gets its own peak instead of the process's lifetime peak.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass  # not Linux: the lifetime peak is all there is
-
-    def read_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def metric_names() -> list[str]:
+    """Every name a sweep may use as an objective or constraint: metrics and their interval bounds."""
+    names = list(METRICS)
+    names += [f"{m.name}{suffix}" for m in METRICS.values() if m.has_interval for suffix in INTERVAL_SUFFIXES]
+    return names
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def metric_direction(name: str) -> str | None:
+    """maximize/minimize for a metric or one of its interval bounds; None for unknown names."""
+    base = name
+    for suffix in INTERVAL_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
+            base = name.removesuffix(suffix)
+    metric = METRICS.get(base.split("/ctx", 1)[0])
+    return metric.direction if metric else None
 
 
-def environment(model, device: torch.device, threads: int) -> dict[str, str | int]:
-    """What a figure depends on, recorded with every trial so machines are never mixed silently."""
-    import ray
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "python": platform.python_version(),
-        "device": device.type,
-        "device_name": device_name(device),
-        "cuda": torch.version.cuda or "none",
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "attn_implementation": model.config._attn_implementation,
-        "batch_size": 1,
-        "torch_threads": threads,
-        "hostname": platform.node(),
-    }
+def aggregate(rows: list[Row], lengths: list[int] | None = None) -> dict[str, float]:
+    """A trial's metrics from its per-sample rows, each as its registry entry says."""
+    out: dict[str, float] = {}
+    for metric in METRICS.values():
+        if metric.aggregate is None:
+            continue
+        value = metric.aggregate(rows)
+        if value is None:
+            continue
+        out[metric.name] = value
+        bounds = metric.aggregate.bounds(rows)
+        if bounds is not None:
+            out[f"{metric.name}_ci_low"], out[f"{metric.name}_ci_high"] = bounds
+        if metric.per_length:
+            for length in lengths or []:
+                subset = [r for r in rows if r.get("context_length") == length]
+                part = metric.aggregate(subset) if subset else None
+                if part is not None:
+                    out[f"{metric.name}/ctx{length}"] = part
+    return out

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from paretoray.paths import cache_root  # noqa: F401 (re-exported)
 from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF  # noqa: F401 (re-exported)
 
 
@@ -37,10 +38,6 @@ RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft
 
 def registry_names() -> list[str]:
     return [*REGISTRY, *DRAFTS]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PARETORAY_CACHE", Path.home() / ".cache" / "paretoray"))
 
 
 def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
@@ -131,6 +128,27 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def load_tokenizer(ref: str) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """The tokenizer of a model and its context window in tokens (None when the config says nothing),
+    without loading weights: what building samples needs."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve(ref)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"model {ref!r}: its tokenizer did not load: {type(error).__name__}: {error}") from error
+    return tokenizer, context_window(config)
+
+
+def context_window(config) -> int | None:
+    window = getattr(config, "max_position_embeddings", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 def load_model(

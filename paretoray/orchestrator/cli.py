@@ -28,6 +28,7 @@ examples:
   paretoray report quickstart -o quickstart.html                        # the sweep's report page
   paretoray report quickstart snapkv -o compare.html                    # fronts of several sweeps overlaid
   paretoray techniques                                                  # what can be swept
+  paretoray tasks                                                       # what trials are measured on
   paretoray ui --port 5000
 
 stores (every command): --tracking-uri (env PARETORAY_TRACKING_URI) and --storage
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(report)
 
     commands.add_parser("techniques", help="list the registered techniques and their parameters")
+    commands.add_parser(
+        "tasks", help="list the registered tasks (workload.task) and their settings",
+        description="Every task with its settings: type and range, default, meaning. Settings every task shares "
+        "(seed, max_new_tokens, fidelity, query_placement, repeats, min_dense_accuracy) are listed first.")
 
     draft = commands.add_parser("train-draft", help="build a shallow draft for speculative decoding, distilled from the target",
                                 description="Copy the target's embeddings, first --layers layers and head, then distil it on the "
@@ -266,6 +271,24 @@ def _techniques() -> int:
     return 0
 
 
+def _tasks() -> int:
+    from paretoray.actors.tasks import available_tasks
+    from paretoray.actors.tasks.base import describe_config
+    from paretoray.actors.workload import Workload
+
+    def fields(rows) -> None:
+        for key, kind, default, doc in rows:
+            print(f"    {key:<20} {kind:<36} default {default}  {doc}")
+
+    print("every task (workload section):")
+    fields([row for row in describe_config(Workload) if row[0] != "task"])
+    for name, cls in available_tasks().items():
+        budget = f"{cls.default_max_new_tokens} new tokens by default"
+        print(f"\n{name}  ({budget})  {cls.summary}")
+        fields(describe_config(cls.Config))
+    return 0
+
+
 def _train_draft(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -384,6 +407,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "techniques":
         return _techniques()
+    if args.command == "tasks":
+        return _tasks()
     if args.command == "train-draft":
         return _train_draft(args)
     if args.command == "train-acceptance-head":

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from paretoray.orchestrator.pool import ActorPool, ActorStartError, PoolActor, actor_failure
 from paretoray.orchestrator.recorder import Recorder
-from paretoray.orchestrator.spec import Constraint, Dimension, SweepSpec, constraints, grid_size, parse, search_space
+from paretoray.orchestrator.spec import Constraint, Dimension, SpecError, SweepSpec, constraints, grid_size, parse, search_space
 from paretoray.orchestrator.stores import StoreError, Stores
 
 SPEC_ATTR = "paretoray.spec"
@@ -210,6 +210,36 @@ def prepare_models(spec: SweepSpec) -> None:
                 raise SweepError(str(error)) from None
 
 
+def prepare_samples(spec: SweepSpec, remote: bool = False) -> int:
+    """Build (or find cached) the workload's samples with the model's tokenizer, before Ray starts:
+    a data row too long for the model's window, or a task that cannot be fitted, is a spec error
+    naming the row, and the actors on this machine then read the samples from the cache.
+
+    On a remote cluster the driver may not have the model: then the actors build them (a note says so).
+    Returns the number of samples (0: not built here)."""
+    from paretoray.actors.models import ModelLoadError, load_tokenizer
+    from paretoray.actors.tasks import TaskInputError
+    from paretoray.actors.tasks.cache import cached_samples
+    from paretoray.actors.techniques import available_techniques
+
+    registry = available_techniques()
+    if not any(registry[name].uses_model for name in spec.techniques if name in registry):
+        return 0
+    try:
+        tokenizer, window = load_tokenizer(spec.model.id)
+    except ModelLoadError as error:
+        if remote:
+            print(f"note: samples are built by the actors ({error})", file=sys.stderr)
+            return 0
+        raise SweepError(str(error)) from None
+    workload = spec.workload
+    try:
+        samples = cached_samples(workload.task_object, tokenizer, workload.seed, window, workload.max_new_tokens)
+    except TaskInputError as error:
+        raise SpecError(f"sweep {spec.name!r}", [(f"workload.{error.field}", str(error))]) from None
+    return len(samples)
+
+
 # ---- the sweep -------------------------------------------------------------------------------
 
 
@@ -278,6 +308,7 @@ class Controller:
             target = points
         if ray_address is None:
             prepare_models(self.spec)
+        prepare_samples(self.spec, remote=ray_address is not None)
         connect_ray(ray_address, self.spec)
         gpus = ray.cluster_resources().get("GPU", 0)
         if ray_address is None and self.spec.actors.num_gpus > gpus:

@@ -24,6 +24,12 @@ from paretoray.orchestrator.stores import Stores
 TRIAL_TAG = "paretoray.trial"
 SWEEP_TAG = "paretoray.sweep"
 RECORD_FILE = "trial.json"
+SAMPLES_FILE = "samples.parquet"
+
+
+def _param_text(value: Any) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else str(value)
+    return text[:500]  # MLflow caps a param's value
 
 
 def _flat_params(record: dict[str, Any]) -> dict[str, str]:
@@ -62,8 +68,6 @@ class Recorder:
             "dtype": spec_json["model"]["dtype"],
             "task": spec_json["workload"]["task"],
             "query_placement": spec_json["workload"].get("query_placement", "query_aware"),
-            "context_lengths": ",".join(map(str, spec_json["workload"]["context_lengths"])) or "none",
-            "samples_per_length": spec_json["workload"]["samples_per_length"],
             "sampler": spec_json["sampler"]["name"],
             "trials": spec_json["trials"],
             "actors": spec_json["actors"]["count"],
@@ -71,6 +75,8 @@ class Recorder:
             "objectives": ",".join(f"{k}:{v}" for k, v in spec_json["objectives"].items()),
             "constraints": ";".join(spec_json["constraints"]) or "none",
         }
+        # The task's own settings (lengths, a data file, a metric...), whatever the task.
+        params.update({f"workload.{k}": _param_text(v) for k, v in spec_json["workload"].items() if k not in ("task", "query_placement")})
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.client.log_dict(run_id, spec_json, "spec.json")
         if spec_text is not None:
@@ -145,10 +151,21 @@ class Recorder:
         metrics.append(Metric("wall_s", float(record.get("wall_s", 0.0)), 0, 0))
         self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _flat_params(record).items()])
         self.client.log_text(run_id, json.dumps(record, indent=1, default=str), RECORD_FILE)
+        if record.get("samples"):
+            self._log_samples(run_id, record["samples"])
         if record.get("traceback"):
             self.client.log_text(run_id, record["traceback"], "traceback.txt")
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
         return run_id
+
+    def _log_samples(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """Per-sample results (lengths, output, scores, paired timings) as a parquet table of the trial run."""
+        import polars as pl
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / SAMPLES_FILE
+            pl.DataFrame(rows, infer_schema_length=None, strict=False).write_parquet(path)
+            self.client.log_artifact(run_id, str(path))
 
     # ---- the front ------------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from paretoray.actors.metrics import METRICS
+from paretoray.actors.metrics import METRICS, metric_direction, metric_names
+from paretoray.actors.tasks import task_class
 from paretoray.actors.techniques import Param, available_techniques
-from paretoray.actors.prompts import DECODING_TASKS
-from paretoray.actors.workloads import TASKS
+from paretoray.actors.workload import Workload
 
 
 class SpecError(ValueError):
@@ -42,47 +42,9 @@ class ModelSpec(_Strict):
     draft: str | None = Field(None, description="draft model for speculative techniques (same tokenizer): registry name (smollm2-135m-draft, built on first use), path or hub id")
 
 
-class WorkloadSpec(_Strict):
-    task: str = "passkey"
-    context_lengths: list[int] = Field(default=[], description="prompt tokens; retrieval tasks need at least one")
-    samples_per_length: int = Field(2, ge=1)
-    depths: list[float] | None = None
-    seed: int = 0
-    max_new_tokens: int = Field(8, ge=1, le=4096)
-    num_keys: int = Field(4, ge=1, le=64)
-    fidelity: bool = True
-    query_placement: Literal["query_aware", "context_only"] = Field(
-        "query_aware",
-        description="query_aware: the question is part of the compressed prompt (SnapKV's setting); "
-        "context_only: the context is compressed first, then the question is asked (a cached document)",
-    )
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, task: str) -> str:
-        if task not in TASKS and task not in DECODING_TASKS:
-            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted([*TASKS, *DECODING_TASKS]))}")
-        return task
-
-    @model_validator(mode="after")
-    def _retrieval_needs_lengths(self) -> WorkloadSpec:
-        if self.task in TASKS and not self.context_lengths:
-            raise ValueError(f"context_lengths: task {self.task!r} needs at least one context length")
-        return self
-
-    @field_validator("context_lengths")
-    @classmethod
-    def _positive_lengths(cls, lengths: list[int]) -> list[int]:
-        if any(n < 64 for n in lengths):
-            raise ValueError(f"every context length must be >= 64 tokens, got {lengths}")
-        return lengths
-
-    @field_validator("depths")
-    @classmethod
-    def _unit_depths(cls, depths: list[float] | None) -> list[float] | None:
-        if depths is not None and (not depths or any(not 0.0 <= d <= 1.0 for d in depths)):
-            raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths}")
-        return depths
+# The workload section: the settings every task shares, plus the task's own (validated by `validate`
+# against the task's Config, so errors name `workload.FIELD`). One definition, read by the runner too.
+WorkloadSpec = Workload
 
 
 class SamplerSpec(_Strict):
@@ -296,8 +258,8 @@ def constraints(spec: SweepSpec) -> list[Constraint]:
             problems.append((f"constraints[{i}]", f"expected 'METRIC >= NUMBER' or 'METRIC <= NUMBER', got {text!r}"))
             continue
         metric, op, bound = match.groups()
-        if metric not in METRICS:
-            problems.append((f"constraints[{i}]", f"unknown metric {metric!r}; available: {', '.join(METRICS)}"))
+        if metric_direction(metric) is None:
+            problems.append((f"constraints[{i}]", f"unknown metric {metric!r}; available: {', '.join(metric_names())}"))
             continue
         parsed.append(Constraint(metric, op, float(bound)))  # type: ignore[arg-type]
     if problems:
@@ -312,21 +274,32 @@ def _check_objectives(spec: SweepSpec) -> list[tuple[str, str]]:
     if needing and spec.model.draft is None:
         problems.append(("model.draft", f"{', '.join(needing)} need a draft model: set model: {{id: ..., draft: PATH}}"))
     for name, direction in spec.objectives.items():
-        metric = METRICS.get(name)
-        if metric is None:
-            problems.append((f"objectives.{name}", f"unknown metric; available: {', '.join(METRICS)}"))
-        elif direction != metric.direction:
+        expected = metric_direction(name)
+        if expected is None:
+            problems.append((f"objectives.{name}", f"unknown metric; available: {', '.join(metric_names())}"))
+        elif direction != expected:
             problems.append(
-                (f"objectives.{name}", f"expected {metric.direction} ({name} is {'higher' if metric.higher_is_better else 'lower'}-is-better), got {direction}")
+                (f"objectives.{name}", f"expected {expected} ({name} is {'higher' if expected == 'maximize' else 'lower'}-is-better), got {direction}")
             )
         if name == "fidelity" and not spec.workload.fidelity:
             problems.append((f"objectives.{name}", "needs workload.fidelity: true"))
     return problems
 
 
+def _check_task(spec: SweepSpec) -> list[tuple[str, str]]:
+    """The task's own settings against its Config, then its input files (read, not tokenized)."""
+    workload = spec.workload
+    try:
+        config = task_class(workload.task).Config.model_validate(workload.task_settings())
+    except ValidationError as error:
+        return _pydantic_problems(error, prefix="workload.")
+    task = task_class(workload.task)(config)
+    return [(f"workload.{field}" if field else "workload", message) for field, message in task.check()]
+
+
 def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """Semantic checks; raises SpecError with every problem found."""
-    problems = _check_objectives(spec)
+    problems = _check_task(spec) + _check_objectives(spec)
     for check in (search_space, constraints):
         try:
             check(spec)
@@ -351,17 +324,21 @@ def parse(data: Any, source: str, default_name: str | None = None) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            path = ".".join(str(part) for part in item["loc"])
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] not in ("missing", "extra_forbidden") and "input" in item:
-                message += f" (got {item['input']!r})"
-            if item["type"] == "extra_forbidden":
-                message = "unknown field"
-            problems.append((path, message))
-        raise SpecError(source, problems) from None
+        raise SpecError(source, _pydantic_problems(error)) from None
     return validate(spec, source)
+
+
+def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        path = prefix + ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("missing", "extra_forbidden") and "input" in item:
+            message += f" (got {str(repr(item['input']))[:200]})"
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append((path.rstrip("."), message))
+    return problems
 
 
 def load_spec(path: str | Path) -> SweepSpec:

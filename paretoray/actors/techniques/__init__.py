@@ -13,6 +13,7 @@ from paretoray.actors.techniques.base import (
     available_techniques,
     build_technique,
     parse_technique,
+    reference_technique,
     register,
     technique_class,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "available_techniques",
     "build_technique",
     "parse_technique",
+    "reference_technique",
     "register",
     "technique_class",
 ]

@@ -95,6 +95,14 @@ def available_techniques() -> dict[str, type[Technique]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def reference_technique() -> Technique:
+    """The registered baseline (`is_reference`): what every trial is paired with."""
+    found = [cls for cls in available_techniques().values() if cls.is_reference]
+    if len(found) != 1:
+        raise TypeError(f"exactly one technique must declare is_reference = True, found {[c.name for c in found]}")
+    return build_technique(found[0].name, {})
+
+
 def build_technique(name: str, params: dict[str, Any]) -> Technique:
     """Instantiate a registered technique; missing parameters take their declared defaults."""
     cls = technique_class(name)
@@ -132,6 +140,8 @@ class Technique:
     params: ClassVar[dict[str, Param]]
     phase: ClassVar[str] = "decode"  # what the technique changes: "none", "kv-cache", "decode" ...
     needs_draft: ClassVar[bool] = False  # generate() takes `draft=` (a second, smaller model)
+    lossless: ClassVar[bool] = False  # greedy output equals dense's by construction (no fidelity to measure)
+    is_reference: ClassVar[bool] = False  # the baseline every trial is timed and scored against (dense)
     uses_model: ClassVar[bool] = True  # False: `measure_without_model` replaces samples, dense reference and generation
 
     def __post_init__(self) -> None:

@@ -13,3 +13,5 @@ class Dense(Technique):
     name = "dense"
     params = {}  # no hyperparameters: the reference every other technique is compared with
     phase = "none"
+    lossless = True
+    is_reference = True

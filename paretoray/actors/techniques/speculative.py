@@ -160,6 +160,7 @@ class Speculative(Technique):
     phase = "decode"
     params = {}
     needs_draft = True
+    lossless = True  # the verifier keeps exactly the target's own tokens
 
     def policy(self, draft: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
