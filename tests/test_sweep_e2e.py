@@ -198,3 +198,69 @@ def test_fast_trials_refresh_the_front_at_most_once_a_second_and_at_the_end(ray_
     front = {r["mlflow_run_id"] for r in result.rows if r["pareto"]}
     tagged = {r.info.run_id for r in client.search_runs([parent.info.experiment_id], "tags.pareto = 'true'")}
     assert tagged == front and front
+
+
+def test_dataset_sweep_records_intervals_and_paired_speedups(ray_session, tiny_model_dir, tmp_path, capsys):
+    """`task: dataset` on a JSONL file of one's own, through the command line, into MLflow."""
+    rows = [
+        {"context": f"Note {i}: the code word for box {i} is {word}. " * 6, "question": f"What is the code word for box {i}?",
+         # Any common letter counts (`contains`), so that even a random tiny model scores and
+         # relative_accuracy (technique / dense on the same samples) is defined.
+         "answer_prefix": " The code word is", "answer": [word, *"etaoinsrhl"]}
+        for i, word in enumerate(["lemon", "anchor", "violet", "copper", "falcon"])
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": "byod",
+        "model": {"id": str(tiny_model_dir), "dtype": "float32"},
+        "workload": {"task": "dataset", "path": str(data), "metric": "contains", "max_new_tokens": 4, "repeats": 2},
+        "techniques": {"dense": {}, "streaming_llm": {"n_sink": 2, "window": [16, 64]}},
+        "objectives": {"speedup": "maximize", "accuracy": "maximize"},
+        "sampler": {"name": "grid", "seed": 0},
+        "trials": 3,
+        "actors": {"count": 2, "num_cpus": 1, "num_gpus": 0},
+    }
+    spec_file = tmp_path / "byod.yaml"
+    spec_file.write_text(json.dumps(spec))  # JSON is YAML
+    stores = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    assert cli.main(["sweep", "run", str(spec_file), "--no-progress", *stores]) == 0
+    capsys.readouterr()
+    assert cli.main(["results", "byod", "--format", "json", *stores]) == 0
+    trials = json.loads(capsys.readouterr().out)
+    assert len(trials) == 3
+    for trial in trials:
+        metrics = trial["metrics"] if "metrics" in trial else trial
+        for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "relative_accuracy", "speedup",
+                    "speedup_ci_low", "speedup_ci_high", "dense_accuracy"):
+            assert key in metrics, (key, sorted(metrics))
+        assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+        assert metrics["speedup_ci_low"] <= metrics["speedup"] <= metrics["speedup_ci_high"]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    study = optuna.load_study(study_name="byod", storage=f"sqlite:///{tmp_path}/optuna.db")
+    parent = study.user_attrs[PARENT_ATTR]
+    assert client.get_run(parent).data.params["workload.metric"] == "contains"
+    for run in children(client, "byod", parent):
+        assert run.info.status == "FINISHED"
+        assert {"accuracy_ci_low", "speedup_ci_high", "relative_accuracy"} <= set(run.data.metrics)
+        local = client.download_artifacts(run.info.run_id, "samples.parquet", str(tmp_path / run.info.run_id))
+        table = pl.read_parquet(local)
+        assert table.height == 5 and table["sample_id"].to_list() == [f"dataset/r{i}" for i in range(5)]
+        assert {"output", "dense_output", "accuracy", "dense_accuracy", "speedup", "prompt_tokens"} <= set(table.columns)
+        assert (table["repeats"] == 2).all()
+
+
+def test_bad_data_fails_before_ray_naming_file_line_and_column(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"context": "a", "answer": "b"}\n{"context": "c", "answer": 7}\n')
+    spec = {"model": "smollm2-135m", "workload": {"task": "dataset", "path": str(data)}, "techniques": {"dense": {}},
+            "objectives": {"accuracy": "maximize"}, "trials": 1}
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text(json.dumps(spec))
+    started = time.perf_counter()
+    assert cli.main(["sweep", "run", str(spec_file), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                     "--storage", f"sqlite:///{tmp_path}/o.db"]) == 2
+    err = capsys.readouterr().err
+    assert "workload.path" in err and "bad.jsonl" in err and "line 2" in err and "answer" in err
+    assert "Traceback" not in err and time.perf_counter() - started < 30
