@@ -241,3 +241,32 @@ def test_a_prompt_longer_than_the_window_names_the_sample(tok, tmp_path, monkeyp
     with pytest.raises(TaskInputError, match=r"passkey/ctx512/d0.5/s0: .* exceed the model's window of 480") as err:
         cached_samples(task, tok, seed=0, window=480, budget=8)
     assert err.value.field == "context_lengths"
+
+
+def test_suite_runs_each_entry_with_its_own_scorer_and_budget(tok):
+    from pydantic import ValidationError
+
+    suite = build_task("suite", {"tasks": {
+        "passkey": {"context_lengths": [256]},
+        "mk": {"task": "multikey_niah", "context_lengths": [300], "samples_per_length": 1, "max_new_tokens": 5},
+    }})
+    samples = suite.build(tok, 0)
+    assert [(s.group, s.max_new_tokens) for s in samples] == [("passkey", 8), ("passkey", 8), ("mk", 5)]
+    assert samples[2].sample_id.startswith("mk:multikey_niah/ctx300")
+    assert suite.has_lengths and suite.context_lengths == [256, 300]
+    assert all(suite.score(s, f" {s.answer}.")["accuracy"] == 1.0 for s in samples)
+    alone = build_task("passkey", {"context_lengths": [256]}).build(tok, 0)
+    assert [s.prompt for s in samples[:2]] == [s.prompt for s in alone]  # the same prompts as the task alone
+    with pytest.raises(ValidationError, match=r"tasks.x.context_lengths: .*>= 64.*tasks.y: unknown task 'nope'"):
+        build_task("suite", {"tasks": {"x": {"task": "passkey", "context_lengths": [8]}, "y": {"task": "nope"}}})
+    with pytest.raises(ValidationError, match="cannot contain a suite"):
+        build_task("suite", {"tasks": {"s": {"task": "suite", "tasks": {}}}})
+
+
+def test_metrics_break_down_by_suite_entry():
+    from paretoray.actors.metrics import aggregate
+
+    rows = [{"group": "a", "accuracy": 1.0, "dense_accuracy": 1.0}, {"group": "b", "accuracy": 0.0, "dense_accuracy": 1.0},
+            {"group": "b", "accuracy": 1.0, "dense_accuracy": 0.0}]
+    out = aggregate(rows)
+    assert out["accuracy/a"] == 1.0 and out["accuracy/b"] == 0.5 and out["dense_accuracy/b"] == 0.5

@@ -133,7 +133,8 @@ class Metric:
     """A figure a trial reports: its direction, and how a trial's per-sample rows combine into it.
 
     `aggregate` is None for metrics set directly by a technique that does no model work (noop).
-    With `per_length`, the value is also reported for each context length as `NAME/ctxN`.
+    With `broken_down`, the value is also reported for each context length as `NAME/ctxN` and for
+    each group of a suite (`NAME/GROUP`, e.g. `accuracy/variable_tracking`).
     """
 
     name: str
@@ -141,7 +142,7 @@ class Metric:
     unit: str
     doc: str
     aggregate: Aggregation | None = None
-    per_length: bool = False
+    broken_down: bool = False
 
     @property
     def direction(self) -> str:
@@ -156,9 +157,9 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("accuracy", True, "fraction", "the task's score (exact match, recall, F1...), mean over samples, with a 95% interval",
-               Mean("accuracy", interval=True), per_length=True),
+               Mean("accuracy", interval=True), broken_down=True),
         Metric("dense_accuracy", True, "fraction", "the dense model's accuracy on the same samples, measured in the same trial",
-               Mean("dense_accuracy")),
+               Mean("dense_accuracy"), broken_down=True),
         Metric("relative_accuracy", True, "x", "accuracy / dense_accuracy on the same samples (paired bootstrap interval)",
                RatioOfMeans("accuracy", "dense_accuracy", interval=True)),
         Metric("fidelity", True, "fraction", "teacher-forced next-token agreement with the dense model's continuation",
@@ -169,7 +170,7 @@ METRICS: dict[str, Metric] = {
                Median("latency_ms_per_token")),
         Metric("dense_latency_ms_per_token", False, "ms", "the same for dense, timed back to back with the technique",
                Median("dense_latency_ms_per_token")),
-        Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), per_length=True),
+        Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), broken_down=True),
         Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token")),
         Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
                Max("kv_cache_bytes", scale=1 / 2**20)),
@@ -206,7 +207,7 @@ def metric_direction(name: str) -> str | None:
     for suffix in INTERVAL_SUFFIXES:
         if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
             base = name.removesuffix(suffix)
-    metric = METRICS.get(base.split("/ctx", 1)[0])
+    metric = METRICS.get(base.split("/", 1)[0])  # a breakdown (accuracy/ctx1024, accuracy/niah) keeps its direction
     return metric.direction if metric else None
 
 
@@ -223,10 +224,12 @@ def aggregate(rows: list[Row], lengths: list[int] | None = None) -> dict[str, fl
         bounds = metric.aggregate.bounds(rows)
         if bounds is not None:
             out[f"{metric.name}_ci_low"], out[f"{metric.name}_ci_high"] = bounds
-        if metric.per_length:
-            for length in lengths or []:
-                subset = [r for r in rows if r.get("context_length") == length]
+        if metric.broken_down:
+            parts = {f"ctx{length}": [r for r in rows if r.get("context_length") == length] for length in lengths or []}
+            for group in dict.fromkeys(r["group"] for r in rows if r.get("group")):
+                parts[group] = [r for r in rows if r.get("group") == group]
+            for part_name, subset in parts.items():
                 part = metric.aggregate(subset) if subset else None
                 if part is not None:
-                    out[f"{metric.name}/ctx{length}"] = part
+                    out[f"{metric.name}/{part_name}"] = part
     return out

@@ -155,6 +155,7 @@ class TrialRunner:
             "context_length": sample.context_length,
             "prompt_tokens": len(sample.prompt_ids),
             "depth": sample.depth,
+            "group": sample.group,
             "answer": " | ".join(sample.expected),
             "output": text,
             "dense_output": dense_text,

@@ -76,6 +76,7 @@ class Sample:
     question_ids: tuple[int, ...] = ()
     answers: tuple[str, ...] = ()  # every string the scorer looks for (defaults to (answer,))
     max_new_tokens: int | None = None  # a per-sample generation budget (datasets); None: the workload's
+    group: str = ""  # the part of a suite the sample belongs to (metrics are also broken down by it)
 
     @property
     def context_ids(self) -> list[int]:

@@ -272,6 +272,7 @@ def fit_text(
     render: Callable[[int], str],
     question: str,
     probe: int = 8,
+    start: int | None = None,
     field: str = "context_lengths",
     what: str = "context_length",
     hint: str = "",
@@ -282,7 +283,10 @@ def fit_text(
     (encoded apart, without), as `build_fitted` tokenizes. `render` must grow with n; `render(0)`
     holds the fixed parts, and a TaskInputError on `field` says so when they alone do not fit
     (`what` names the budget in the message, `hint` is appended to it).
-    `probe` is an n at which the cost of one unit is measured, to start the bisection close.
+
+    Only where the search starts depends on `probe` (an n at which the cost of one unit is first
+    measured) and `start` (an n expected to be close, such as the previous sample's at this
+    length): the answer does not. A good start costs two or three encodings instead of ten or more.
     """
     question_ids = tuple(tokenizer(question, add_special_tokens=False).input_ids)
     cache: dict[int, list[int]] = {}
@@ -299,6 +303,16 @@ def fit_text(
             f"{what} {length} is too small for task {task!r}: "
             f"its fixed parts alone take {base_tokens} tokens{hint}",
         )
-    unit_tokens = max(1, round((n_tokens(probe) - base_tokens) / probe))
-    n = fit_units(n_tokens, length, unit_tokens, base_tokens)
+    if not start:
+        rate = max(1.0, (n_tokens(probe) - base_tokens) / probe)
+        start = int((length - base_tokens) / rate)
+        if start > probe:  # a second, far measurement: units can cost more as the prompt grows
+            rate = max(1.0, (n_tokens(start) - base_tokens) / start)
+            start = int((length - base_tokens) / rate)
+    else:
+        rate = max(1.0, (n_tokens(start) - base_tokens) / start)
+    # Rounded up, so fit_units' steps undershoot and close in fast rather than swing around the answer.
+    unit_tokens = int(rate) + (rate > int(rate))
+    # fit_units starts at (budget - base) // unit_tokens: a base chosen to make that `start`.
+    n = fit_units(n_tokens, length, unit_tokens, length - start * unit_tokens)
     return n, cache[n], question_ids
