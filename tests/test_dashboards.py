@@ -5,7 +5,9 @@ sweep on Ray and look at the page in Chromium."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,17 @@ from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
 from paretoray.dashboards import REPORT_FILE
-from paretoray.dashboards.data import front_of
+from paretoray.dashboards.data import (
+    ReportError,
+    collect_sweep,
+    combine,
+    dense_accuracy,
+    front_of,
+    indistinguishable_from_dense,
+    interval,
+    uninformative_task,
+)
+from paretoray.dashboards.render import render_report
 from paretoray.orchestrator import cli
 from paretoray.orchestrator.controller import PARENT_ATTR, SPEC_ATTR, Controller, make_sampler
 from paretoray.orchestrator.recorder import Recorder
@@ -40,8 +52,20 @@ def passkey_spec(name: str, techniques: dict, objectives: dict | None = None, le
     }
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """A 95 % interval of a proportion (Wilson's score interval)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def passkey_record(number: int, technique: str, params: dict, lengths: list[int]) -> dict[str, Any]:
-    """A runner-shaped record: a window keeps the needle when it lies within the last `window` tokens."""
+    """A runner-shaped record: a window keeps the needle when it lies within the last `window` tokens.
+
+    With the runner's intervals: Wilson's for accuracy (6 samples: wide), and for the paired speedup
+    an interval that widens with the window (a large window is timed closest to dense), so the widest
+    window, which keeps every needle, cannot be told apart from dense on any objective."""
     window = params.get("window") or params.get("max_capacity_prompt")
     samples = []
     for n in lengths:
@@ -50,14 +74,35 @@ def passkey_record(number: int, technique: str, params: dict, lengths: list[int]
             samples.append({"sample_id": f"{n}/{depth}", "context_length": n, "depth": depth, "correct": float(kept),
                             "output": "12345" if kept else "9", "ttft_ms": 5.0, "latency_ms_per_token": 10.0})
     latency = 10.0 + (window or 2048) / 100
-    metrics = {"accuracy": sum(s["correct"] for s in samples) / len(samples), "latency_ms_per_token": latency,
-               "kv_cache_mb": (window or 1024) / 100, "speedup": 30.48 / latency, "ttft_ms": 5.0, "target_calls_per_token": 1.0}
+    correct = sum(s["correct"] for s in samples)
+    speedup = 30.48 / latency
+    spread = 0.05 if window is None else window / 600  # relative half-width of the speedup's interval
+    low, high = wilson(correct, len(samples))
+    dense = 1.0  # dense keeps every needle
+    metrics = {"accuracy": correct / len(samples), "accuracy_ci_low": low, "accuracy_ci_high": high,
+               "dense_accuracy": dense, "relative_accuracy": correct / len(samples) / dense,
+               "relative_accuracy_ci_low": low / dense, "relative_accuracy_ci_high": high / dense,
+               "latency_ms_per_token": latency, "kv_cache_mb": (window or 1024) / 100,
+               "speedup": speedup, "speedup_ci_low": speedup * (1 - spread), "speedup_ci_high": speedup * (1 + spread),
+               "ttft_ms": 5.0, "ttft_speedup": 1.0, "ttft_speedup_ci_low": 0.9, "ttft_speedup_ci_high": 1.1,
+               "target_calls_per_token": 1.0}
     for n in lengths:
         mine = [s["correct"] for s in samples if s["context_length"] == n]
         metrics[f"accuracy/ctx{n}"] = sum(mine) / len(mine)
+        metrics[f"accuracy/ctx{n}_ci_low"], metrics[f"accuracy/ctx{n}_ci_high"] = wilson(sum(mine), len(mine))
     return {"trial": number, "technique": technique, "params": params, "status": "ok", "label": technique + ("(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""),
             "metrics": metrics, "samples": samples, "baseline": {"latency_ms_per_token": 30.48, "ttft_ms": 5.0},
             "env": {"device_name": "test-cpu", "dtype": "float32", "torch_threads": 1}, "actor": {"node_ip": "127.0.0.1"}, "wall_s": 1.0}
+
+
+def hard_record(number: int, technique: str, params: dict, lengths: list[int]) -> dict[str, Any]:
+    """A task too hard for the model: dense itself answers one sample in three."""
+    record = passkey_record(number, technique, params, lengths)
+    metrics = dict(record["metrics"])
+    for name in ("accuracy", "accuracy_ci_low", "accuracy_ci_high"):
+        metrics[name] = metrics[name] / 3
+    metrics["dense_accuracy"] = 1 / 3
+    return record | {"metrics": metrics}
 
 
 def decoding_record(number: int, technique: str, params: dict, lengths: list[int]) -> dict[str, Any]:
@@ -177,6 +222,8 @@ def sweeps(stores):
         "snap": run_fake_sweep(stores, passkey_spec("snap", SNAP, objectives=THREE) | {"trials": 5}),
         "other": run_fake_sweep(stores, passkey_spec("other", QUICK, objectives={"kv_cache_mb": "minimize", "speedup": "maximize"})),
         "spec": run_fake_sweep(stores, DECODING, make_record=decoding_record),
+        "hard": run_fake_sweep(stores, passkey_spec("hard", {"dense": {}, "streaming_llm": {"n_sink": 4, "window": [64, 512]}})
+                               | {"trials": 3}, make_record=hard_record),
     }
 
 
@@ -309,3 +356,176 @@ def test_front_of_is_optunas_front():
 
     points = [point(10, 0.5), point(20, 1.0), point(15, 0.4), point(5, 1.0, feasible=False)]
     assert front_of(points, ["latency_ms_per_token", "accuracy"], {"latency_ms_per_token": "minimize", "accuracy": "maximize"}) == {0, 1}
+
+
+# ---- intervals, "indistinguishable from dense", uninformative tasks ------------------------------
+
+
+def members_by_window(study) -> dict[Any, int]:
+    return {t.user_attrs["params"].get("window"): t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+
+
+def test_whiskers_on_every_axis_that_has_intervals(sweeps, stores, tmp_path, capsys):
+    study, _, _ = sweeps["other"]  # kv_cache_mb (no interval) across, speedup (interval) upwards
+    code, html, _ = report(capsys, stores, tmp_path, "other")
+    assert code == 0
+    figures = figures_of(html)
+    panel = next(f for f in figures if f["kind"] == "pareto")["figure"]
+    metrics = {t.number: t.user_attrs["metrics"] for t in study.trials}
+    checked = 0
+    for trace in panel["data"]:
+        if (trace.get("meta") or {}).get("role") != "trials":
+            continue
+        assert "error_x" not in trace or not trace["error_x"].get("visible")  # kv_cache_mb has no interval
+        bars = trace["error_y"]
+        assert bars["visible"] and bars["type"] == "data" and bars["symmetric"] is False
+        for (_, trial, _), y, up, down in zip(trace["customdata"], trace["y"], bars["array"], bars["arrayminus"]):
+            m = metrics[trial]
+            assert y == m["speedup"]
+            assert math.isclose(y + up, m["speedup_ci_high"]) and math.isclose(y - down, m["speedup_ci_low"])
+            checked += 1
+    assert checked == 6
+
+    # Accuracy against latency: whiskers upwards only (latency has no interval); per length too.
+    code, html, _ = report(capsys, stores, tmp_path, "short")
+    figures = figures_of(html)
+    panel = next(f for f in figures if f["kind"] == "pareto")["figure"]
+    trials = [t for t in panel["data"] if (t.get("meta") or {}).get("role") == "trials"]
+    assert trials and all(t["error_y"]["visible"] and "error_x" not in t for t in trials)
+    context = next(f for f in figures if f["kind"] == "context")["figure"]
+    assert all(len(t["error_y"]["array"]) == len(t["x"]) for t in context["data"])
+    assert any("[" in text for t in context["data"] for text in t["text"])
+    # The hover text prints the interval beside the value.
+    hover = next(text for t in trials for text in t["text"] if "accuracy</b>: 1 [" in text)
+    assert re.search(r"<b>accuracy</b>: 1 \[0\.6\d+, 1\]", hover)
+
+
+def test_front_table_prints_intervals_and_marks_trials_indistinguishable_from_dense(sweeps, stores, tmp_path, capsys):
+    study, _, _ = sweeps["quick"]
+    code, html, _ = report(capsys, stores, tmp_path, "quick")
+    assert code == 0
+    by_window = members_by_window(study)
+    metrics = {t.number: t.user_attrs["metrics"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    rows = {r["trial"]: r for r in table_rows(html)}
+    assert set(rows) == {by_window[w] for w in (32, 128, 256, 512)}  # dense is dominated by the widest window
+
+    # Each objective with an interval shows it beside the value: `0.8333 [0.4365, 0.9699]`; the sort keeps to the value.
+    row_html = {int(m.group(1)): m.group(2) for m in re.finditer(r'<tr data-trial="(\d+)"[^>]*>(.*?)</tr>', html, re.S)}
+    for trial in rows:
+        m = metrics[trial]
+        cell = re.search(r'data-metric="accuracy" data-value="([^"]*)">(.*?)</td>', row_html[trial], re.S)
+        assert json.loads(cell.group(1)) == m["accuracy"]
+        text = re.sub(r"<[^>]+>", "", cell.group(2))
+        low, high = (float(f"{v:.4g}") for v in (m["accuracy_ci_low"], m["accuracy_ci_high"]))
+        assert text == f"{m['accuracy']:.4g} [{low:g}, {high:g}]", text
+        latency = re.search(r'data-metric="latency_ms_per_token"[^>]*>(.*?)</td>', row_html[trial], re.S).group(1)
+        assert "[" not in latency  # no interval for latency
+    assert "0.8333 [0.4365, 0.9699]" in re.sub(r"<[^>]+>", "", row_html[by_window[256]])
+
+    # The widest window keeps every needle: its accuracy interval holds dense's 1.0. Latency has no
+    # interval and is not judged; every narrower window loses needles beyond its interval.
+    marked = {trial for trial, text in row_html.items() if 'class="badge same-as-dense"' in text}
+    assert marked == {by_window[512]}
+    verdict = re.search(r'<p class="dense-verdict" id="dense-verdict">(.*?)</p>', html, re.S).group(1)
+    assert verdict.startswith("1 of 4 front members is indistinguishable from dense within its 95% intervals: "
+                              f"trial {by_window[512]} (streaming_llm(n_sink=4,window=512))")
+    assert "(here accuracy)" in verdict  # latency has no interval
+
+    # With speedup as an objective (kv_cache_mb vs speedup): only dense's own interval holds 1 ...
+    code, html, _ = report(capsys, stores, tmp_path, "other")
+    assert 'class="badge same-as-dense"' not in html
+    assert "No front member is indistinguishable from dense within its 95% intervals" in html  # the smallest window alone
+    # ... and a front without intervals says nothing (the decoding sweep's records have none).
+    code, html, _ = report(capsys, stores, tmp_path, "spec")
+    assert 'id="dense-verdict"' not in html and 'class="badge same-as-dense"' not in html and 'class="ci"' not in html
+
+
+def test_indistinguishable_from_dense_rule():
+    both = ["speedup", "accuracy"]
+
+    def m(**values):
+        return values
+
+    # Every objective with an interval must contain dense's value: 1 for speedups, the trial's own dense_accuracy for accuracy.
+    same = m(speedup=1.1, speedup_ci_low=0.9, speedup_ci_high=1.3, accuracy=0.8, accuracy_ci_low=0.6, accuracy_ci_high=0.95,
+             dense_accuracy=0.9)
+    assert indistinguishable_from_dense(same, both)
+    assert not indistinguishable_from_dense(same | {"dense_accuracy": 0.97}, both)  # accuracy below dense's, beyond its interval
+    assert not indistinguishable_from_dense(same | {"speedup_ci_low": 1.05}, both)  # faster than dense, surely
+    assert indistinguishable_from_dense(same | {"speedup_ci_low": 1.0}, both)  # bounds included
+    assert indistinguishable_from_dense(same | {"accuracy_ci_high": 0.8999999999999999}, both)  # up to float rounding
+    # Objectives without an interval are ignored ...
+    no_speedup_ci = {k: v for k, v in same.items() if not k.startswith("speedup_ci")} | {"speedup": 5.0}
+    assert indistinguishable_from_dense(no_speedup_ci, both)
+    assert indistinguishable_from_dense(same | {"speedup_ci_high": float("nan")}, both + ["latency_ms_per_token"])
+    # ... and without any, the trial is not marked.
+    assert not indistinguishable_from_dense(m(speedup=1.0, accuracy=0.9, dense_accuracy=0.9), both)
+    assert not indistinguishable_from_dense(same, ["latency_ms_per_token"])
+    # Accuracy with an interval but no dense accuracy to compare with is not judged either.
+    no_dense = {k: v for k, v in same.items() if k != "dense_accuracy"}
+    assert not indistinguishable_from_dense(no_dense, ["accuracy"])
+    assert indistinguishable_from_dense(no_dense, both)  # judged on speedup alone
+    # Ratios to dense: ttft_speedup and relative_accuracy are compared with 1.
+    assert indistinguishable_from_dense(m(ttft_speedup=0.97, ttft_speedup_ci_low=0.9, ttft_speedup_ci_high=1.02), ["ttft_speedup"])
+    assert not indistinguishable_from_dense(m(relative_accuracy=0.7, relative_accuracy_ci_low=0.6, relative_accuracy_ci_high=0.8),
+                                            ["relative_accuracy"])
+    assert interval(m(x=1, x_ci_low=0.5, x_ci_high=2), "x") == (0.5, 2.0)
+    assert interval(m(x=1, x_ci_low=0.5), "x") is None
+
+
+def test_uninformative_task_banner(sweeps, stores, tmp_path, capsys):
+    study, parent, _ = sweeps["hard"]
+    code, html, _ = report(capsys, stores, tmp_path, "hard")
+    assert code == 0
+    banner = re.search(r'<div class="warning alert uninformative"[^>]*>(.*?)</div>', html, re.S).group(1)
+    assert "dense scores 0.3333 on this task: below min_dense_accuracy 0.5, the accuracy axis of this front says little " \
+           "about the techniques" in banner
+    assert "median dense_accuracy over 3 complete trials" in banner
+    for easy in ("quick", "spec"):  # dense keeps every needle / matches itself
+        code, html, _ = report(capsys, stores, tmp_path, easy)
+        assert code == 0 and 'class="warning alert uninformative"' not in html
+
+    # The spec sets the threshold (workload.min_dense_accuracy); without it, 0.5.
+    client = MlflowClient(stores.tracking_uri)
+    spec = study.user_attrs[SPEC_ATTR]
+    lenient = spec | {"workload": spec["workload"] | {"min_dense_accuracy": 0.25}}
+    assert 'class="warning alert uninformative"' not in render_report(combine([collect_sweep(study, client, parent, spec=lenient, finished=True)]))
+    strict = spec | {"workload": spec["workload"] | {"min_dense_accuracy": 0.4}}
+    assert "below min_dense_accuracy 0.4," in render_report(combine([collect_sweep(study, client, parent, spec=strict, finished=True)]))
+
+    # Pure: dense_accuracy measured in each trial first, else the dense technique's own accuracy.
+    def row(technique, **metrics):
+        return {"state": "complete", "technique": technique, "metrics": metrics}
+
+    assert dense_accuracy([row("dense", accuracy=0.9), row("snapkv", accuracy=0.2)]) == (0.9, "accuracy of the dense trial")
+    assert dense_accuracy([row("dense", accuracy=0.9, dense_accuracy=0.2), row("snapkv", accuracy=0.1, dense_accuracy=0.3),
+                           row("h2o", accuracy=0.1, dense_accuracy=0.35)])[0] == 0.3
+    assert dense_accuracy([row("snapkv", accuracy=0.2)]) is None
+    assert uninformative_task({"workload": {"task": "dataset"}}, [row("dense", accuracy=0.4)])[:2] == (0.4, 0.5)
+    assert uninformative_task({}, [row("dense", accuracy=0.5)]) is None  # at the threshold: informative
+
+
+def test_workload_without_lengths_is_described_by_its_own_settings(sweeps, stores):
+    """Workload fields are task-specific (a dataset task has no context_lengths): the page lists
+    whatever the task has, and overlays compare whatever fields there are."""
+    study, parent, _ = sweeps["hard"]
+    client = MlflowClient(stores.tracking_uri)
+    spec = study.user_attrs[SPEC_ATTR]
+    dataset = spec | {"workload": {"task": "dataset", "path": "data/qa.jsonl", "metric": "exact_match", "samples": 20}}
+    html = render_report(combine([collect_sweep(study, client, parent, spec=dataset, finished=True)]))
+    header = html.split("<header>", 1)[1].split("</header>", 1)[0]
+    assert "task <b>dataset</b>" in header and "path data/qa.jsonl; metric exact_match; samples 20" in header
+    assert "context_lengths" not in header
+    passkey = dataclasses.replace(collect_sweep(study, client, parent, finished=True), name="passkey-twin")
+    with pytest.raises(ReportError, match=r"workload.context_lengths: None in 'hard' vs \[256, 512\] in 'passkey-twin'"):
+        combine([collect_sweep(study, client, parent, spec=dataset, finished=True), passkey])
+
+
+def test_reference_is_the_technique_that_declares_it():
+    from paretoray.actors.techniques.base import available_techniques
+    from paretoray.dashboards.data import is_reference, reference_name
+
+    registry = available_techniques()
+    flagged = {name for name, cls in registry.items() if cls.is_reference}
+    assert {name for name in registry if is_reference(name)} == flagged == {reference_name()}
+    assert not is_reference("a-technique-this-install-does-not-have") and not is_reference(None)

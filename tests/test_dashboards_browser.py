@@ -138,7 +138,9 @@ COUNT_POINTS = """() => Array.from(document.querySelectorAll('.plot[data-kind="p
     if (!trace.meta || trace.meta.role !== 'trials') continue;
     byTechnique[trace.meta.technique] = (byTechnique[trace.meta.technique] || 0) + trace.x.length;
   }
-  return {byTechnique: byTechnique, drawn: div.querySelectorAll('.scatterlayer .trace .points path.point').length};
+  return {byTechnique: byTechnique, drawn: div.querySelectorAll('.scatterlayer .trace .points path.point').length,
+          x: div.layout.xaxis.title.text, y: div.layout.yaxis.title.text,
+          xerror: div.querySelectorAll('.errorbars path.xerror').length, yerror: div.querySelectorAll('.errorbars path.yerror').length};
 })"""
 
 
@@ -190,6 +192,22 @@ def test_report_page_in_chromium(browser, sweep, mlflow_ui, tmp_path, capsys):
             assert row["run"] == listed[row["trial"]]["mlflow_run_id"]
             assert set(OBJECTIVES) <= set(row["metrics"])
             assert row["metrics"] == {m: listed[row["trial"]]["metrics"][m] for m in row["metrics"]}
+
+        # The uninformative-task banner shows exactly when dense's accuracy is below workload.min_dense_accuracy (0.5).
+        dense_accuracies = sorted(t.user_attrs["metrics"]["dense_accuracy"] for t in complete if "dense_accuracy" in t.user_attrs["metrics"])
+        banner = page.locator(".warning.alert.uninformative")
+        if dense_accuracies and dense_accuracies[len(dense_accuracies) // 2] < 0.5:  # the tiny random model answers nothing
+            assert banner.is_visible() and "below min_dense_accuracy 0.5" in banner.inner_text()
+        elif not dense_accuracies:
+            assert banner.count() == 0
+
+        # An objective the runner gives a 95% interval is drawn with whiskers (one per trial) on its axis.
+        # (Records without intervals, from a runner before them, draw none.)
+        with_interval = {o: sum(f"{o}_ci_low" in t.user_attrs["metrics"] and f"{o}_ci_high" in t.user_attrs["metrics"] for t in complete)
+                         for o in OBJECTIVES}
+        for panel in panels:
+            for axis in ("x", "y"):
+                assert panel[f"{axis}error"] == with_interval[panel[axis].split(" ", 1)[0]], (panel, with_interval)
 
         # Sorting: click a header, ascending; again, descending.
         header = page.locator("#front-table th", has_text="kv_cache_mb")

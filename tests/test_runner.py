@@ -45,7 +45,7 @@ def test_dense_paired_with_dense_gives_a_speedup_interval_containing_one(runner)
     record = runner.run_trial({"trial": 0, "technique": "dense", "params": {}, "workload": workload})
     assert record["status"] == "ok", record["traceback"]
     metrics = record["metrics"]
-    assert "fidelity" not in metrics  # dense is lossless by construction: nothing to teacher-force
+    assert metrics["fidelity"] == 1.0  # by definition: nothing is teacher-forced
     assert metrics["speedup_ci_low"] <= 1.0 <= metrics["speedup_ci_high"]
     assert metrics["speedup_ci_low"] <= metrics["speedup"] <= metrics["speedup_ci_high"]
     assert metrics["ttft_speedup_ci_low"] <= metrics["ttft_speedup"] <= metrics["ttft_speedup_ci_high"]

@@ -8,6 +8,7 @@ once its run is logged, so the recorder can keep one cache for a whole sweep.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,12 +26,123 @@ from optuna.trial import TrialState
 from paretoray.orchestrator import pareto
 from paretoray.orchestrator.recorder import RECORD_FILE
 MIN_TRIALS_FOR_IMPORTANCE = 5
-# Workload fields that change what a trial measures; `fidelity` only adds a metric.
-_WORKLOAD_FIELDS_IGNORED = {"fidelity"}
+# Workload fields that change what a trial measures; `fidelity` only adds a metric, and
+# `min_dense_accuracy` only decides when the report warns that the task is too hard for the model.
+_WORKLOAD_FIELDS_IGNORED = {"fidelity", "min_dense_accuracy"}
+# Below this dense accuracy (the spec's `workload.min_dense_accuracy`) a task says little about the techniques.
+DEFAULT_MIN_DENSE_ACCURACY = 0.5
+# An interval of metric `m` is `m_ci_low` .. `m_ci_high` (95 %) beside `m` in a trial's metrics.
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+CI_LEVEL = "95%"
+# What dense itself scores on a metric that is a ratio to, or an agreement with, dense.
+_DENSE_IS_ONE = {"speedup", "ttft_speedup", "relative_accuracy", "fidelity", "output_match"}
 
 
 class ReportError(ValueError):
     """A report that cannot be made as asked; the message says why and what to do."""
+
+
+@functools.lru_cache(maxsize=None)
+def is_reference(technique: str | None) -> bool:
+    """Whether a trial's technique is the reference the others are read against (dense, which is
+    also autoregressive decoding): the technique class that declares `is_reference`. A name this
+    install does not register (a sweep from an older version) is not the reference."""
+    if technique is None:
+        return False
+    from paretoray.actors.techniques.base import UnknownTechniqueError, technique_class
+
+    try:
+        return bool(technique_class(technique).is_reference)
+    except UnknownTechniqueError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def reference_name() -> str:
+    """The reference technique's name, as the page writes it ("dense scores 0.31 on this task")."""
+    from paretoray.actors.techniques.base import reference_technique
+
+    try:
+        return reference_technique().name
+    except TypeError:  # no technique, or several, declare is_reference: the runner refuses to start then
+        return "the reference"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def interval(metrics: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """The 95 % interval of `metric` in a trial's metrics (`metric_ci_low`, `metric_ci_high`), or None
+    when either bound is missing or not a finite number."""
+    low, high = metrics.get(metric + CI_LOW), metrics.get(metric + CI_HIGH)
+    if not (_finite(low) and _finite(high)):
+        return None
+    return (float(low), float(high)) if low <= high else (float(high), float(low))
+
+
+def dense_value(metrics: dict[str, Any], metric: str) -> float | None:
+    """What dense scores on `metric`, as this trial measured it: 1 for ratios to dense and agreements
+    with it (speedup, ttft_speedup, relative_accuracy, fidelity, output_match), the trial's own
+    `dense_<metric>` where it has one (accuracy: `dense_accuracy`, dense on the same samples in the
+    same trial); None when nothing says."""
+    if metric in _DENSE_IS_ONE:
+        return 1.0
+    own = metrics.get(f"dense_{metric}")
+    return float(own) if _finite(own) else None
+
+
+def indistinguishable_from_dense(metrics: dict[str, Any], objectives: list[str]) -> bool:
+    """A trial is indistinguishable from dense when, on every objective that has a 95 % interval
+    (and a known dense value, see `dense_value`), that interval contains dense's value (bounds
+    included, up to float rounding: Wilson's upper bound at 6/6 computes as 0.9999999999999999).
+    Objectives without an interval are ignored; when no objective has one, the trial is not marked
+    (False)."""
+    judged = False
+    for objective in objectives:
+        bounds = interval(metrics, objective)
+        reference = dense_value(metrics, objective)
+        if bounds is None or reference is None:
+            continue
+        judged = True
+        slack = 1e-9 * max(1.0, abs(reference))
+        if not bounds[0] - slack <= reference <= bounds[1] + slack:
+            return False
+    return judged
+
+
+def judged_objectives(metrics: dict[str, Any], objectives: list[str]) -> list[str]:
+    """The objectives `indistinguishable_from_dense` compares for this trial."""
+    return [o for o in objectives if interval(metrics, o) is not None and dense_value(metrics, o) is not None]
+
+
+def min_dense_accuracy(spec: dict[str, Any]) -> float:
+    value = (spec.get("workload") or {}).get("min_dense_accuracy")
+    return float(value) if _finite(value) else DEFAULT_MIN_DENSE_ACCURACY
+
+
+def dense_accuracy(rows: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """Dense's accuracy on a sweep's task, and where it comes from: the median `dense_accuracy`
+    (dense on the same samples, measured in each trial) over the complete trials, else the median
+    accuracy of the reference technique's own trials; None when neither was measured."""
+    complete = [r for r in rows if r["state"] == "complete"]
+    measured = [r["metrics"]["dense_accuracy"] for r in complete if _finite(r["metrics"].get("dense_accuracy"))]
+    if measured:
+        return _median(measured), f"median dense_accuracy over {len(measured)} complete trial{'s' if len(measured) > 1 else ''}"
+    own = [r["metrics"]["accuracy"] for r in complete if is_reference(r["technique"]) and _finite(r["metrics"].get("accuracy"))]
+    if own:
+        return _median(own), f"accuracy of the {reference_name()} trial{'s' if len(own) > 1 else ''}"
+    return None
+
+
+def uninformative_task(spec: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[float, float, str] | None:
+    """(dense accuracy, threshold, source) when dense scores below `workload.min_dense_accuracy`
+    (default 0.5) on the sweep's task: then accuracy cannot tell the techniques apart. Else None."""
+    found = dense_accuracy(rows)
+    threshold = min_dense_accuracy(spec)
+    if found is None or found[0] >= threshold:
+        return None
+    return found[0], threshold, found[1]
 
 
 @dataclass
@@ -95,9 +207,9 @@ class SweepData:
     def reference(self) -> tuple[str, dict[str, float]]:
         """The dense / autoregressive reference: the sweep's own dense trial if it has one, else
         what the actors measured as their baseline (only the metrics a baseline defines)."""
-        dense = [r for r in self.complete if r["technique"] == "dense"]
+        dense = [r for r in self.complete if is_reference(r["technique"])]
         if dense:
-            return "dense trial", dict(dense[0]["metrics"])
+            return f"{reference_name()} trial", dict(dense[0]["metrics"])
         baselines = []
         for row in self.complete[:6]:
             record = self.record(row["trial"])
@@ -111,7 +223,7 @@ class SweepData:
                   "output_match": 1.0, "target_calls_per_token": 1.0}
         if latency > 0:
             values["tokens_per_s"] = 1000.0 / latency
-        return "dense baseline measured by the actors", values
+        return f"{reference_name()} baseline measured by the actors", values
 
 
 def _median(values: list[float]) -> float:
@@ -241,9 +353,9 @@ def collect_sweep(
 
 
 def _comparable_fields(sweep: SweepData) -> dict[str, Any]:
-    model = sweep.spec.get("model", {})
+    model = sweep.spec.get("model") or {}
     fields: dict[str, Any] = {f"model.{key}": model.get(key) for key in ("id", "dtype", "attn_implementation", "draft")}
-    workload = sweep.spec.get("workload", {})
+    workload = sweep.spec.get("workload") or {}
     fields |= {f"workload.{key}": value for key, value in sorted(workload.items()) if key not in _WORKLOAD_FIELDS_IGNORED}
     env = sweep.env
     for key in ("device_name", "dtype", "torch_threads"):

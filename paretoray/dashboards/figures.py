@@ -5,6 +5,8 @@ Conventions every figure keeps, so a reader learns them once:
   and drawn as a star;
 - with several sweeps, one marker symbol per sweep;
 - trials on the page's Pareto front are large and outlined, dominated ones faded;
+- a metric with a 95 % interval (`m_ci_low`, `m_ci_high` beside `m`) is drawn with whiskers on its
+  axis, and hover texts and the front table print the interval beside the value;
 - every trial trace carries `meta = {"role": "trials", "sweep", "technique"}` and the MLflow run's
   route in `customdata`, which the page uses to open a run on click (and tests use to count points).
 """
@@ -12,6 +14,7 @@ Conventions every figure keeps, so a reader learns them once:
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from itertools import combinations
 from typing import Any
@@ -21,10 +24,19 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from plotly.subplots import make_subplots
 
 from paretoray.actors.metrics import METRICS
-from paretoray.dashboards.data import ReportData, SweepData
+from paretoray.dashboards.data import (
+    CI_HIGH,
+    CI_LEVEL,
+    CI_LOW,
+    ReportData,
+    SweepData,
+    indistinguishable_from_dense,
+    interval,
+    is_reference,
+    reference_name,
+)
 from paretoray.orchestrator import pareto
 
-REFERENCE = "dense"
 REFERENCE_COLOUR = "#3b3b3b"
 # Okabe-Ito (safe for colour-blind readers) without its yellow, then a few more distinct hues.
 TECHNIQUE_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C564B", "#7F3C8D", "#B8860B", "#17BECF"]
@@ -39,17 +51,17 @@ class Style:
     """Colours and symbols fixed once per page."""
 
     def __init__(self, report: ReportData):
-        techniques = sorted({p["technique"] for s in report.sweeps for p in s.rows} - {REFERENCE, None})
+        techniques = sorted({p["technique"] for s in report.sweeps for p in s.rows
+                             if p["technique"] is not None and not is_reference(p["technique"])})
         self.colours = {t: TECHNIQUE_COLOURS[i % len(TECHNIQUE_COLOURS)] for i, t in enumerate(techniques)}
-        self.colours[REFERENCE] = REFERENCE_COLOUR
         self.symbols = {s.name: SWEEP_SYMBOLS[i % len(SWEEP_SYMBOLS)] for i, s in enumerate(report.sweeps)}
         self.overlay = report.overlay
 
     def colour(self, technique: str) -> str:
-        return self.colours.get(technique, "#999999")
+        return REFERENCE_COLOUR if is_reference(technique) else self.colours.get(technique, "#999999")
 
     def symbol(self, sweep: str, technique: str) -> str:
-        return "star" if technique == REFERENCE and not self.overlay else self.symbols[sweep]
+        return "star" if is_reference(technique) and not self.overlay else self.symbols[sweep]
 
     def group_name(self, sweep: str, technique: str) -> str:
         return f"{technique} · {sweep}" if self.overlay else technique
@@ -75,14 +87,23 @@ def fmt_param(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _registered(metric: str) -> Any:
+    """The registry's entry for a metric, its per-length breakdown (`accuracy/ctx1024`) or an interval bound (`accuracy_ci_low`)."""
+    base = metric.split("/")[0]
+    for suffix in (CI_LOW, CI_HIGH):
+        if base not in METRICS and base.endswith(suffix):
+            base = base.removesuffix(suffix)
+    return METRICS.get(base)
+
+
 def unit(metric: str) -> str:
-    known = METRICS.get(metric.split("/")[0])
+    known = _registered(metric)
     return known.unit if known else ""
 
 
 def axis_title(metric: str, directions: dict[str, str] | None = None) -> str:
     """`name [unit] · lower is better`: the direction is what a reader of a front needs most."""
-    known = METRICS.get(metric.split("/")[0])
+    known = _registered(metric)
     text = f"{metric} [{known.unit}]" if known else metric
     if directions and metric in directions:
         better = "higher" if directions[metric] == "maximize" else "lower"
@@ -93,8 +114,23 @@ def axis_title(metric: str, directions: dict[str, str] | None = None) -> str:
     return f"{text} · {better} is better"
 
 
-def _shown_metrics(point: dict[str, Any], skip: list[str]) -> list[tuple[str, Any]]:
-    return [(name, point["metrics"][name]) for name in METRICS if name in point["metrics"] and name not in skip]
+def fmt_interval(metrics: dict[str, Any], metric: str) -> str:
+    """` [low, high]` when the metric has a 95 % interval in these metrics, else ``."""
+    bounds = interval(metrics, metric)
+    return f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else ""
+
+
+def fmt_metric(metrics: dict[str, Any], metric: str) -> str:
+    """A metric's value and its interval when it has one: `0.83 [0.61, 0.94]`."""
+    value = metrics.get(metric)
+    return "" if value is None else fmt(value) + fmt_interval(metrics, metric)
+
+
+def _shown_metrics(point: dict[str, Any], skip: list[str]) -> list[str]:
+    shown = [name for name in METRICS if name in point["metrics"] and name not in skip]
+    if "dense_accuracy" in point["metrics"] and "dense_accuracy" not in shown + skip:
+        shown.append("dense_accuracy")  # what accuracy is read against, whether or not the registry lists it
+    return shown
 
 
 def hover_text(point: dict[str, Any], objectives: list[str], overlay: bool) -> str:
@@ -105,9 +141,11 @@ def hover_text(point: dict[str, Any], objectives: list[str], overlay: bool) -> s
     if not point["feasible"]:
         status.append("infeasible (violates a constraint)")
     lines = [f"<b>{label}</b>", " · ".join(status)]
-    lines += [f"<b>{o}</b>: {fmt(point['metrics'].get(o))} {unit(o)}" for o in objectives]
+    if not is_reference(point["technique"]) and indistinguishable_from_dense(point["metrics"], objectives):
+        lines.append(f"<i>indistinguishable from {reference_name()} within its {CI_LEVEL} intervals</i>")
+    lines += [f"<b>{o}</b>: {fmt_metric(point['metrics'], o) or 'None'} {unit(o)}" for o in objectives]
     others = _shown_metrics(point, objectives)
-    lines += [f"{name}: {fmt(value)} {unit(name)}" for name, value in others[:9]]
+    lines += [f"{name}: {fmt_metric(point['metrics'], name)} {unit(name)}" for name in others[:9]]
     if point["params"]:
         lines.append("params: " + ", ".join(f"{k}={fmt_param(v)}" for k, v in point["params"].items()))
     if point.get("mlflow_run_id"):
@@ -142,7 +180,7 @@ def _groups(points: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str
     for p in points:
         groups[(p["sweep"], p["technique"])].append(p)
     # Techniques alphabetically, the reference last so it is drawn on top.
-    return dict(sorted(groups.items(), key=lambda item: (item[0][1] == REFERENCE, item[0][1], item[0][0])))
+    return dict(sorted(groups.items(), key=lambda item: (is_reference(item[0][1]), item[0][1], item[0][0])))
 
 
 def _log_scale(values: list[float]) -> bool:
@@ -150,11 +188,52 @@ def _log_scale(values: list[float]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= 30
 
 
+def _whiskers(points: list[dict[str, Any]], values: list[Any], metric: str | None, colour: str) -> dict[str, Any] | None:
+    """Plotly error bars from each point's 95 % interval of `metric` (asymmetric), or None when no
+    point has one. A point without an interval gets a zero-length bar: callers split such groups."""
+    if metric is None:
+        return None
+    bounds = [interval(p["metrics"], metric) for p in points]
+    if not any(bounds):
+        return None
+    plus = [max(0.0, b[1] - v) if b and isinstance(v, (int, float)) else 0.0 for b, v in zip(bounds, values)]
+    minus = [max(0.0, v - b[0]) if b and isinstance(v, (int, float)) else 0.0 for b, v in zip(bounds, values)]
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "visible": True,
+            "color": colour, "thickness": 1.2, "width": 3}
+
+
+def _trials_traces(style: Style, sweep: str, technique: str, mine: list[dict[str, Any]], xs: list[Any], ys: list[Any],
+                   report: ReportData, x_metric: str | None = None, y_metric: str | None = None,
+                   showlegend: bool = True, **extra: Any) -> list[go.Scatter]:
+    """A group's trials as one trace, with whiskers on each axis whose metric has intervals. Points with
+    and without an interval on an axis (a sweep resumed across versions) go to separate traces of the
+    same legend group, so no point gets a zero-length bar; a line joining the points stays one trace."""
+    def has(p: dict[str, Any]) -> tuple[bool, bool]:
+        return (x_metric is not None and interval(p["metrics"], x_metric) is not None,
+                y_metric is not None and interval(p["metrics"], y_metric) is not None)
+
+    kinds = sorted({has(p) for p in mine}, reverse=True)
+    if len(kinds) <= 1 or "lines" in extra.get("mode", "markers"):
+        return [_trials_trace(style, sweep, technique, mine, xs, ys, report, x_metric, y_metric, showlegend, **extra)]
+    traces = []
+    for kind in kinds:
+        picked = [i for i, p in enumerate(mine) if has(p) == kind]
+        traces.append(_trials_trace(style, sweep, technique, [mine[i] for i in picked], [xs[i] for i in picked],
+                                     [ys[i] for i in picked], report, x_metric, y_metric, showlegend and not traces, **extra))
+    return traces
+
+
 def _trials_trace(style: Style, sweep: str, technique: str, mine: list[dict[str, Any]], xs: list[Any], ys: list[Any],
-                  report: ReportData, showlegend: bool = True, **extra: Any) -> go.Scatter:
+                  report: ReportData, x_metric: str | None = None, y_metric: str | None = None,
+                  showlegend: bool = True, **extra: Any) -> go.Scatter:
     front = [p["front"] for p in mine]
     symbol = style.symbol(sweep, technique)
     extra.setdefault("mode", "markers")
+    whisker_colour = _translucent(style.colour(technique), 0.55)
+    for axis, metric, values in (("error_x", x_metric, xs), ("error_y", y_metric, ys)):
+        bars = _whiskers(mine, values, metric, whisker_colour)
+        if bars is not None:
+            extra.setdefault(axis, bars)
     return go.Scatter(
         x=xs,
         y=ys,
@@ -169,12 +248,20 @@ def _trials_trace(style: Style, sweep: str, technique: str, mine: list[dict[str,
             "color": style.colour(technique),
             "symbol": [symbol if p["feasible"] else f"{symbol}-open" for p in mine],
             # The reference stays plain to see even when dominated: it is what every trial is read against.
-            "size": [17 if technique == REFERENCE else 14 if f else 9 for f in front],
-            "opacity": [1.0 if f else 0.85 if technique == REFERENCE else 0.38 for f in front],
+            "size": [17 if is_reference(technique) else 14 if f else 9 for f in front],
+            "opacity": [1.0 if f else 0.85 if is_reference(technique) else 0.38 for f in front],
             "line": {"width": [1.6 if f else 0 for f in front], "color": "#111111"},
         },
         **extra,
     )
+
+
+def _translucent(colour: str, alpha: float) -> str:
+    """`#rrggbb` as `rgba(r, g, b, alpha)` (whiskers lighter than their markers)."""
+    if len(colour) == 7 and colour.startswith("#"):
+        r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        return f"rgba({r}, {g}, {b}, {alpha})"
+    return colour
 
 
 # ---- Pareto fronts ---------------------------------------------------------------------------
@@ -205,7 +292,8 @@ def _value(point: dict[str, Any], metric: str) -> Any:
 def pareto_figure(report: ReportData, style: Style, x: str, y: str) -> go.Figure:
     fig = go.Figure()
     for (sweep, technique), mine in _groups(report.points).items():
-        fig.add_trace(_trials_trace(style, sweep, technique, mine, [_value(p, x) for p in mine], [_value(p, y) for p in mine], report))
+        fig.add_traces(_trials_traces(style, sweep, technique, mine, [_value(p, x) for p in mine], [_value(p, y) for p in mine], report,
+                                      x_metric=None if x == "trial" else x, y_metric=y))
     if len(report.objectives) == 2:  # with more objectives a 2-D projection of the front is no staircase
         if report.overlay:
             for i, sweep in enumerate(report.sweeps):
@@ -219,31 +307,37 @@ def pareto_figure(report: ReportData, style: Style, x: str, y: str) -> go.Figure
             xs, ys, shape = _staircase(report.front, x, y, report.directions)
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="Pareto front", hoverinfo="skip", meta={"role": "front-line"},
                                      line={"shape": shape, "dash": "dot", "color": "#777777", "width": 1.5}))
-    _reference_lines(fig, report, x, y)
-    xs = [_value(p, x) for p in report.points]
-    ys = [_value(p, y) for p in report.points]
-    fig.update_xaxes(title_text=axis_title(x, report.directions), type="log" if x != "trial" and _log_scale(xs) else None)
-    fig.update_yaxes(title_text=axis_title(y, report.directions), type="log" if _log_scale(ys) else None)
+    x_log = x != "trial" and _log_scale([_value(p, x) for p in report.points])
+    y_log = _log_scale([_value(p, y) for p in report.points])
+    _reference_lines(fig, report, x, y, x_log, y_log)
+    fig.update_xaxes(title_text=axis_title(x, report.directions), type="log" if x_log else None)
+    fig.update_yaxes(title_text=axis_title(y, report.directions), type="log" if y_log else None)
     return _layout(fig, 470, clickmode="event")
 
 
-def _reference_lines(fig: go.Figure, report: ReportData, x: str, y: str) -> None:
+def _reference_lines(fig: go.Figure, report: ReportData, x: str, y: str, x_log: bool = False, y_log: bool = False) -> None:
     """Thin dotted lines through the dense reference, so 'faster than dense' is read at a glance."""
     for sweep in report.sweeps:
         source, values = sweep.reference()
         if not values:
             continue
-        label = "autoregressive" if speculative_techniques(report) else "dense"
-        if source != "dense trial":
+        label = "autoregressive" if speculative_techniques(report) else reference_name()
+        if source != f"{reference_name()} trial":
             label += " baseline"
         if report.overlay:
             label += f" ({sweep.name})"
-        if x in values:
-            fig.add_vline(x=values[x], line={"dash": "dot", "color": REFERENCE_COLOUR, "width": 1}, opacity=0.55,
-                          annotation={"text": label, "font": {"size": 10, "color": REFERENCE_COLOUR}}, annotation_position="top")
-        if y in values:
-            fig.add_hline(y=values[y], line={"dash": "dot", "color": REFERENCE_COLOUR, "width": 1}, opacity=0.55,
-                          annotation={"text": label, "font": {"size": 10, "color": REFERENCE_COLOUR}}, annotation_position="top left")
+        # The label is an annotation of its own: on a log axis an annotation's coordinate is log10 of
+        # the value, which add_vline/add_hline's own annotation does not know (it stretched the axis to 1e10).
+        font = {"size": 10, "color": REFERENCE_COLOUR}
+        line = {"dash": "dot", "color": REFERENCE_COLOUR, "width": 1}
+        if x in values and (not x_log or values[x] > 0):
+            fig.add_vline(x=values[x], line=line, opacity=0.55)
+            fig.add_annotation(x=math.log10(values[x]) if x_log else values[x], xref="x", y=1, yref="y domain", text=label,
+                               showarrow=False, yanchor="bottom", font=font)
+        if y in values and (not y_log or values[y] > 0):
+            fig.add_hline(y=values[y], line=line, opacity=0.55)
+            fig.add_annotation(y=math.log10(values[y]) if y_log else values[y], yref="y", x=0, xref="x domain", text=label,
+                               showarrow=False, xanchor="left", yanchor="bottom", font=font)
         return  # one reference per page: several would crowd every panel
 
 
@@ -308,11 +402,11 @@ def parameter_figure(report: ReportData, style: Style, metrics: list[str], only:
                 all_values += xs
                 group = f"{sweep}/{technique}"
                 joined = varied[(sweep, technique)] == 1 and _numeric(xs)
-                fig.add_trace(
-                    _trials_trace(style, sweep, technique, mine, xs, [p["metrics"][metric] for p in mine], report,
-                                  showlegend=group not in shown, mode="lines+markers" if joined else "markers",
-                                  line={"color": style.colour(technique), "width": 1.2}),
-                    row=row, col=col,
+                fig.add_traces(
+                    _trials_traces(style, sweep, technique, mine, xs, [p["metrics"][metric] for p in mine], report, y_metric=metric,
+                                   showlegend=group not in shown, mode="lines+markers" if joined else "markers",
+                                   line={"color": style.colour(technique), "width": 1.2}),
+                    rows=row, cols=col,
                 )
                 shown.add(group)
             if metric in reference_at_one:
@@ -358,15 +452,18 @@ def decoding_figure(report: ReportData, style: Style) -> go.Figure | None:
 # ---- long-context retrieval ------------------------------------------------------------------
 
 
+_PER_LENGTH = re.compile(r"^accuracy/ctx(\d+)$")  # not its interval bounds (accuracy/ctxN_ci_low)
+
+
 def context_lengths(report: ReportData) -> list[int]:
-    lengths = {int(k.split("ctx", 1)[1]) for p in report.points for k in p["metrics"] if k.startswith("accuracy/ctx")}
+    lengths = {int(m.group(1)) for p in report.points for k in p["metrics"] if (m := _PER_LENGTH.match(k))}
     return sorted(lengths)
 
 
 def _members(report: ReportData) -> list[dict[str, Any]]:
     """The front, ordered as a reader scans it: by technique, then along the first objective."""
     first = report.objectives[0]
-    return sorted(report.front, key=lambda p: (p["technique"] == REFERENCE, p["technique"], p["metrics"][first]))
+    return sorted(report.front, key=lambda p: (is_reference(p["technique"]), p["technique"], p["metrics"][first]))
 
 
 def _member_name(point: dict[str, Any], overlay: bool) -> str:
@@ -380,20 +477,29 @@ def context_figure(report: ReportData, style: Style) -> go.Figure | None:
     if not lengths:
         return None
     shown = list(_members(report))
-    shown += [p for p in report.points if p["technique"] == REFERENCE and p not in shown]
+    shown += [p for p in report.points if is_reference(p["technique"]) and p not in shown]
     fig = go.Figure()
     dash_index: dict[str, int] = defaultdict(int)
     for point in shown:
         xs = [n for n in lengths if f"accuracy/ctx{n}" in point["metrics"]]
+        ys = [point["metrics"][f"accuracy/ctx{n}"] for n in xs]
         dash = MEMBER_DASHES[dash_index[point["technique"]] % len(MEMBER_DASHES)]
         dash_index[point["technique"]] += 1
+        bounds = [interval(point["metrics"], f"accuracy/ctx{n}") for n in xs]
+        whiskers = {}
+        if xs and all(bounds):  # per-length intervals, where the runner gives them for every length
+            whiskers["error_y"] = {"type": "data", "symmetric": False, "visible": True, "thickness": 1.2, "width": 3,
+                                   "color": _translucent(style.colour(point["technique"]), 0.55),
+                                   "array": [max(0.0, b[1] - v) for b, v in zip(bounds, ys)],
+                                   "arrayminus": [max(0.0, v - b[0]) for b, v in zip(bounds, ys)]}
         fig.add_trace(go.Scatter(
-            x=xs, y=[point["metrics"][f"accuracy/ctx{n}"] for n in xs], mode="lines+markers", name=_member_name(point, report.overlay),
+            x=xs, y=ys, mode="lines+markers", name=_member_name(point, report.overlay), **whiskers,
             meta={"role": "context", "sweep": point["sweep"], "technique": point["technique"]},
             customdata=[[run_route(point), point["trial"], point["sweep"]]] * len(xs),
-            line={"color": style.colour(point["technique"]), "dash": "dash" if point["technique"] == REFERENCE else dash, "width": 2},
+            line={"color": style.colour(point["technique"]), "dash": "dash" if is_reference(point["technique"]) else dash, "width": 2},
             marker={"symbol": style.symbol(point["sweep"], point["technique"]), "size": 9},
-            hovertemplate="%{x} tokens: accuracy %{y:.2f}<extra>" + _member_name(point, report.overlay) + "</extra>",
+            text=[fmt_interval(point["metrics"], f"accuracy/ctx{n}") for n in xs],
+            hovertemplate="%{x} tokens: accuracy %{y:.2f}%{text}<extra>" + _member_name(point, report.overlay) + "</extra>",
         ))
     fig.update_xaxes(title_text="context length [tokens]", tickvals=lengths, type="linear")
     fig.update_yaxes(title_text="accuracy [fraction] · higher is better", range=[-0.05, 1.05])
@@ -416,7 +522,7 @@ def heatmap_figure(report: ReportData, style: Style) -> tuple[go.Figure | None, 
         cells: dict[tuple[float, int], list[float]] = defaultdict(list)
         for sample in samples:
             if sample.get("depth") is not None and sample.get("context_length") is not None:
-                cells[(round(float(sample["depth"]), 3), int(sample["context_length"]))].append(float(sample["correct"]))
+                cells[(round(float(sample["depth"]), 3), int(sample["context_length"]))].append(float(sample.get("accuracy", sample.get("correct", 0.0))))
         if not cells:
             notes.append(f"no per-sample record for trial {point['trial']} of {point['sweep']}")
             continue

@@ -18,7 +18,17 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from paretoray.dashboards import figures as F
-from paretoray.dashboards.data import ReportData, SweepData
+from paretoray.dashboards.data import (
+    CI_LEVEL,
+    ReportData,
+    SweepData,
+    indistinguishable_from_dense,
+    interval,
+    is_reference,
+    judged_objectives,
+    reference_name,
+    uninformative_task,
+)
 
 DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"  # what `paretoray ui` serves by default
 
@@ -45,9 +55,26 @@ class _Page:
         return ("[" + ",".join(items) + "]").replace("</", "<\\/")
 
 
+def _setting(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_setting(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_setting(v)}" for k, v in value.items())
+    return F.fmt_param(value)
+
+
+def workload_settings(workload: dict[str, Any]) -> str:
+    """The task's own settings, whatever they are (each task has its fields): `name value; ...`,
+    unset and empty ones left out."""
+    shown = [(k, v) for k, v in workload.items() if k != "task" and v is not None and v != [] and v != {} and v != ""]
+    return "; ".join(f"{k} {_setting(v)}" for k, v in shown)
+
+
 def _sweep_summary(sweep: SweepData) -> str:
-    model = sweep.spec.get("model", {})
-    workload = sweep.spec.get("workload", {})
+    model = sweep.spec.get("model") or {}
+    workload = sweep.spec.get("workload") or {}
     finished = len(sweep.rows)
     complete = len(sweep.complete)
     target = sweep.trials_target
@@ -55,11 +82,10 @@ def _sweep_summary(sweep: SweepData) -> str:
     if model.get("draft"):
         parts.append(f"draft <b>{esc(model['draft'])}</b>")
     task = f"task <b>{esc(workload.get('task', '?'))}</b>"
-    if workload.get("context_lengths"):
-        task += f" at {esc(', '.join(map(str, workload['context_lengths'])))} tokens"
+    settings = workload_settings(workload)
+    if settings:
+        task += f' <span class="settings">({esc(settings)})</span>'
     parts.append(task)
-    if workload.get("query_placement") and workload.get("context_lengths"):  # placement means nothing to decoding tasks
-        parts.append(esc(workload["query_placement"].replace("_", "-")))
     env = sweep.env
     if env.get("device_name"):
         parts.append(f"on {esc(env['device_name'])}")
@@ -86,10 +112,12 @@ def _cards(report: ReportData, style: F.Style) -> str:
             break
         pick = max if report.directions[objective] == "maximize" else min
         best = pick(feasible, key=lambda p: p["metrics"][objective])
-        others = ", ".join(f"{o} {F.fmt(best['metrics'][o])} {F.unit(o)}" for o in report.objectives if o != objective)
+        others = ", ".join(f"{o} {F.fmt_metric(best['metrics'], o)} {F.unit(o)}" for o in report.objectives if o != objective)
+        bounds = F.fmt_interval(best["metrics"], objective)
         cards.append(
             f'<div class="card"><div class="card-title">best {esc(objective)}</div>'
-            f'<div class="card-value">{esc(F.fmt(best["metrics"][objective]))} <small>{esc(F.unit(objective))}</small></div>'
+            f'<div class="card-value">{esc(F.fmt(best["metrics"][objective]))} <small>{esc(F.unit(objective))}'
+            f'{" " + esc(bounds.strip()) if bounds else ""}</small></div>'
             f'<div class="card-note"><span class="dot" style="background:{style.colour(best["technique"])}"></span>{esc(best["label"] or best["technique"])}'
             f'{" · " + esc(best["sweep"]) if report.overlay else ""}<br><small>{esc(others)}</small></div></div>'
         )
@@ -102,7 +130,7 @@ def _cards(report: ReportData, style: F.Style) -> str:
     for sweep in report.sweeps[:1]:
         source, values = sweep.reference()
         if values:
-            shown = [f"{o} {F.fmt(values[o])} {F.unit(o)}" for o in report.objectives if o in values]
+            shown = [f"{o} {F.fmt_metric(values, o)} {F.unit(o)}" for o in report.objectives if o in values]
             cards.append(f'<div class="card"><div class="card-title">reference: {esc(source)}</div>'
                          f'<div class="card-note">{esc("; ".join(shown)) or "no objective defined for it"}</div></div>')
     return '<div class="cards">' + "".join(cards) + "</div>"
@@ -127,18 +155,83 @@ def _table(report: ReportData, style: F.Style) -> str:
         cells = [f'<td data-value="{esc(p["sweep"])}">{esc(p["sweep"])}</td>'] if report.overlay else []
         cells.append(f'<td data-value="{p["trial"]}">{p["trial"]}</td>')
         cells.append(f'<td data-value="{esc(p["technique"])}"><span class="dot" style="background:{style.colour(p["technique"])}">'
-                     f'</span>{esc(p["technique"])}</td>')
+                     f'</span>{esc(p["technique"])}{_dense_badge(p, report.objectives)}</td>')
         setting = ", ".join(f"{k}={F.fmt_param(v)}" for k, v in p["params"].items()) or "(no parameters)"
         cells.append(f'<td data-value="{esc(setting)}">{esc(setting)}</td>')
         for metric in report.objectives + extra:
             value = p["metrics"].get(metric)
-            cells.append(f'<td class="num" data-metric="{esc(metric)}" data-value="{json.dumps(value)}">{esc(F.fmt(value) if value is not None else "")}</td>')
+            bounds = interval(p["metrics"], metric) if value is not None else None
+            shown = esc(F.fmt(value) if value is not None else "")
+            if bounds:  # the sort keeps to the value (data-value); the interval is read beside it
+                shown += (f' <small class="ci" data-ci-low="{json.dumps(bounds[0])}" data-ci-high="{json.dumps(bounds[1])}">'
+                          f'{esc(F.fmt_interval(p["metrics"], metric).strip())}</small>')
+            cells.append(f'<td class="num" data-metric="{esc(metric)}" data-value="{json.dumps(value)}">{shown}</td>')
         route = F.run_route(p)
         link = (f'<a class="run-link" data-route="{esc(route)}" data-run-id="{esc(p["mlflow_run_id"])}" href="{esc(route)}" '
                 f'rel="noopener">{esc(p["mlflow_run_id"][:8])}…</a>') if route else "(no run)"
         cells.append(f'<td data-value="{esc(p.get("mlflow_run_id") or "")}">{link}</td>')
         body.append(f'<tr data-trial="{p["trial"]}" data-sweep="{esc(p["sweep"])}">' + "".join(cells) + "</tr>")
     return (f'<table class="front" id="front-table"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def _dense_badge(point: dict[str, Any], objectives: list[str]) -> str:
+    if is_reference(point["technique"]):
+        return ' <span class="badge reference" title="the reference the other trials are compared with">reference</span>'
+    if indistinguishable_from_dense(point["metrics"], objectives):
+        judged = ", ".join(judged_objectives(point["metrics"], objectives))
+        dense = esc(reference_name())
+        return (f' <span class="badge same-as-dense" title="each {CI_LEVEL} interval ({esc(judged)}) contains {dense}\'s value">'
+                f"≈ {dense}</span>")
+    return ""
+
+
+def dense_sentence(report: ReportData) -> str | None:
+    """Which front members are indistinguishable from dense (`indistinguishable_from_dense`), as a
+    sentence for above the front's table; None when no front member has an interval to judge by."""
+    dense = reference_name()
+    members = [p for p in report.front if not is_reference(p["technique"])]
+    judged = [p for p in members if judged_objectives(p["metrics"], report.objectives)]
+    if not judged:
+        return None
+    first = report.objectives[0]
+    same = sorted((p for p in judged if indistinguishable_from_dense(p["metrics"], report.objectives)),
+                  key=lambda p: (p["sweep"], p["metrics"][first]))
+    aside = f" other than {dense}" if len(members) < len(report.front) else ""
+    on = sorted({o for p in judged for o in judged_objectives(p["metrics"], report.objectives)}, key=report.objectives.index)
+    unjudged = len(members) - len(judged)
+    tail = f" ({unjudged} member{'s' if unjudged > 1 else ''} without intervals not judged)" if unjudged else ""
+    rule = (f"on each objective with an interval (here {', '.join(on)}), the interval contains {dense}'s value "
+            f"(1 for speedups and ratios to {dense}; {dense}'s own accuracy on the same samples, "
+            "measured in the same trial, for accuracy)")
+    if not same:
+        return (f"No front member{aside} is indistinguishable from {dense} within its {CI_LEVEL} intervals{tail}: "
+                f"each differs from it beyond its interval on at least one of {', '.join(on)}.")
+    names = ", ".join(f"trial {p['trial']} ({p['label'] or p['technique']}{' · ' + p['sweep'] if report.overlay else ''})" for p in same)
+    return (f"{len(same)} of {len(judged)} front members{aside} {'is' if len(same) == 1 else 'are'} indistinguishable from "
+            f"{dense} within {'its' if len(same) == 1 else 'their'} {CI_LEVEL} intervals{tail}: {names}. "
+            f"Marked ≈ {dense} in the table: {rule}.")
+
+
+def uninformative_banner(report: ReportData) -> str:
+    """A warning per sweep whose dense model scores below `workload.min_dense_accuracy` on its task."""
+    accuracy_axis = any(o.startswith("accuracy") or o.endswith("_accuracy") for o in report.objectives)
+    dense = reference_name()
+    parts = []
+    for sweep in report.sweeps:
+        found = uninformative_task(sweep.spec, sweep.rows)
+        if found is None:
+            continue
+        value, threshold, source = found
+        prefix = f"<b>{esc(sweep.name)}</b>: " if report.overlay else ""
+        consequence = ("the accuracy axis of this front says little about the techniques" if accuracy_axis
+                       else "accuracy says little about the techniques")
+        parts.append(
+            f'<div class="warning alert uninformative" role="alert" data-sweep="{esc(sweep.name)}">{prefix}'
+            f"<b>{esc(dense)} scores {esc(F.fmt(value))} on this task: below min_dense_accuracy {esc(F.fmt(threshold))}, "
+            f"{consequence}</b> <small>({esc(source)}; the task is too hard for this model to tell what a technique loses; "
+            "choose an easier setting or a stronger model, or set workload.min_dense_accuracy)</small></div>"
+        )
+    return "".join(parts)
 
 
 def render_report(report: ReportData, mlflow_url: str | None = None, command: str | None = None,
@@ -154,6 +247,7 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
         prefix = f"<b>{esc(sweep.name)}</b>: " if report.overlay else ""
         desc = f' <span class="desc">{esc(sweep.spec.get("description", ""))}</span>' if sweep.spec.get("description") else ""
         header.append(f'<p class="meta">{prefix}{_sweep_summary(sweep)}{desc} {_status_badge(sweep, generated)}</p>')
+    header.append(uninformative_banner(report))
     objectives = ", ".join(f"{o} ({'max' if report.directions[o] == 'maximize' else 'min'})" for o in report.objectives)
     header.append(f'<p class="meta">objectives: {esc(objectives)}'
                   + (f" (shared by all sweeps)" if report.overlay else "")
@@ -190,8 +284,13 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
             "infeasible. Hover for parameters and metrics, click a point to open its MLflow run, drag to zoom, double-click to reset.</p>"
             f'<div class="grid{" single" if len(panels) == 1 else ""}">{"".join(panels)}</div></section>'
         )
+        intervals = any(interval(p["metrics"], o) for p in report.front for o in report.objectives)
+        sentence = dense_sentence(report)
         page.parts.append(f'<section><h2>The front</h2><p class="hint">Click a column to sort. The same trials as '
-                          f'<code>paretoray results NAME --pareto</code>.</p>{_table(report, style)}</section>')
+                          f'<code>paretoray results NAME --pareto</code>'
+                          + (f"; brackets hold {CI_LEVEL} intervals" if intervals else "") + ".</p>"
+                          + (f'<p class="dense-verdict" id="dense-verdict">{esc(sentence)}</p>' if sentence else "")
+                          + f"{_table(report, style)}</section>")
 
         effects = F.parameter_figure(report, style, report.objectives)
         if effects is not None:
@@ -258,6 +357,13 @@ header, section { background: #fff; border: 1px solid var(--line); border-radius
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; margin-left: 6px; }
 .badge.live { background: #e5f4ea; color: #1b6b35; }
 .badge.stopped { background: #fdecea; color: #9b1c1c; }
+.badge.same-as-dense { background: #e8eefc; color: #1d3f8f; cursor: help; }
+.badge.reference { background: #ececec; color: #3b3b3b; }
+.warning.alert { background: #fdecea; border-color: #e8a29b; color: #7a1212; font-size: 15px; }
+.warning.alert small { color: #7a1212; }
+.dense-verdict { margin: 2px 0 10px; }
+.settings { color: var(--muted); }
+small.ci { color: var(--muted); white-space: nowrap; }
 .warning { background: #fff6e0; border: 1px solid #f0d18a; border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
 .warning ul { margin: 4px 0 0 18px; padding: 0; }
 .sandbox-note { background: #eef4ff; border: 1px solid #c6d8fb; border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
