@@ -529,3 +529,15 @@ def test_reference_is_the_technique_that_declares_it():
     flagged = {name for name, cls in registry.items() if cls.is_reference}
     assert {name for name in registry if is_reference(name)} == flagged == {reference_name()}
     assert not is_reference("a-technique-this-install-does-not-have") and not is_reference(None)
+
+
+def test_suite_entries_where_dense_is_weak_are_named():
+    from paretoray.dashboards.data import uninformative_parts
+
+    rows = [
+        {"state": "complete", "metrics": {"dense_accuracy/niah": 0.9, "dense_accuracy/vt": 0.1, "dense_accuracy/ctx1024": 0.2}},
+        {"state": "complete", "metrics": {"dense_accuracy/niah": 0.8, "dense_accuracy/vt": 0.0}},
+        {"state": "failed", "metrics": {}},
+    ]
+    assert uninformative_parts({"workload": {}}, rows) == [("vt", 0.05)]
+    assert uninformative_parts({"workload": {"min_dense_accuracy": 0.95}}, rows) == [("niah", 0.85), ("vt", 0.05)]

@@ -8,6 +8,8 @@ once its run is logged, so the recorder can keep one cache for a whole sweep.
 
 from __future__ import annotations
 
+import re
+
 import functools
 import json
 import math
@@ -143,6 +145,21 @@ def uninformative_task(spec: dict[str, Any], rows: list[dict[str, Any]]) -> tupl
     if found is None or found[0] >= threshold:
         return None
     return found[0], threshold, found[1]
+
+
+def uninformative_parts(spec: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The entries of a suite (breakdowns `dense_accuracy/ENTRY`, lengths excluded) on which dense's
+    median accuracy is below `workload.min_dense_accuracy`: (entry, dense accuracy), in order."""
+    threshold = min_dense_accuracy(spec)
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        if row["state"] != "complete":
+            continue
+        for key, value in row["metrics"].items():
+            part = key.removeprefix("dense_accuracy/")
+            if part != key and not re.fullmatch(r"ctx\d+", part) and _finite(value):
+                values.setdefault(part, []).append(float(value))
+    return [(part, _median(found)) for part, found in values.items() if _median(found) < threshold]
 
 
 @dataclass

@@ -27,6 +27,8 @@ from paretoray.dashboards.data import (
     is_reference,
     judged_objectives,
     reference_name,
+    min_dense_accuracy,
+    uninformative_parts,
     uninformative_task,
 )
 
@@ -230,6 +232,18 @@ def uninformative_banner(report: ReportData) -> str:
             f"<b>{esc(dense)} scores {esc(F.fmt(value))} on this task: below min_dense_accuracy {esc(F.fmt(threshold))}, "
             f"{consequence}</b> <small>({esc(source)}; the task is too hard for this model to tell what a technique loses; "
             "choose an easier setting or a stronger model, or set workload.min_dense_accuracy)</small></div>"
+        )
+    for sweep in report.sweeps:
+        weak = uninformative_parts(sweep.spec, sweep.rows)
+        if not weak:
+            continue
+        prefix = f"<b>{esc(sweep.name)}</b>: " if report.overlay else ""
+        listed = ", ".join(f"{esc(part)} ({esc(F.fmt(value))})" for part, value in weak)
+        parts.append(
+            f'<div class="warning alert uninformative-parts" role="alert" data-sweep="{esc(sweep.name)}">{prefix}'
+            f"<b>{esc(dense)} scores below min_dense_accuracy {esc(F.fmt(min_dense_accuracy(sweep.spec)))} on {listed}</b>: "
+            "on this model those entries' accuracy/ENTRY figures say little about the techniques "
+            "(median dense_accuracy/ENTRY over complete trials).</div>"
         )
     return "".join(parts)
 
