@@ -10,10 +10,8 @@ the spec validator reads this registry. How time and memory are read lives in `m
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from paretoray.actors import stats

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from paretoray.actors.metrics import METRICS, metric_direction, metric_names
+from paretoray.actors.metrics import metric_direction, metric_names
 from paretoray.actors.tasks import task_class
 from paretoray.actors.techniques import Param, available_techniques
 from paretoray.actors.workload import Workload

@@ -30,6 +30,9 @@ class TaskConfig(BaseModel):
 class LengthsConfig(TaskConfig):
     """Settings shared by the synthetic long-context tasks: prompts fitted to token lengths."""
 
+    # False for tasks with nothing to place at a depth (word lists, chains spread at random).
+    places_needles: ClassVar[bool] = True
+
     context_lengths: list[int] = Field(min_length=1, description="prompt tokens, one sample set per length")
     samples_per_length: int = Field(2, ge=1, le=10_000, description="samples at each length")
     depths: list[float] | None = Field(
@@ -46,6 +49,8 @@ class LengthsConfig(TaskConfig):
     @field_validator("depths")
     @classmethod
     def _unit_depths(cls, depths: list[float] | None) -> list[float] | None:
+        if depths is not None and not cls.places_needles:
+            raise ValueError("this task places no needle at a depth (its items are spread as RULER spreads them): leave depths unset")
         if depths is not None and (not depths or any(not 0.0 <= d <= 1.0 for d in depths)):
             raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths}")
         return depths

@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from paretoray.actors.tasks.base import LengthsConfig, Sample, Task, register_task
-from paretoray.actors.tasks.haystack import essay_words, fit_text, recall
+from paretoray.actors.tasks.base import LengthsConfig, Sample, register_task
+from paretoray.actors.tasks.haystack import RecallTask, essay_words, fit_text
 
 # RULER's template and answer prefix (scripts/data/synthetic/constants.py; "10" there is num_cw here).
 INTRO = (
@@ -43,14 +43,8 @@ class CommonWordsConfig(LengthsConfig):
     )
     num_cw: int = Field(10, ge=1, le=100, description="common words, all asked for")
     num_fewshot: int = Field(1, ge=0, le=8, description="RULER's worked examples before the task")
-    depths: list[float] | None = Field(None, description="not used: a word list has no needle to place")
+    places_needles = False  # nothing to place at a depth: `depths` is refused
 
-    @field_validator("depths")
-    @classmethod
-    def _no_depths(cls, depths: list[float] | None) -> list[float] | None:
-        if depths is not None:
-            raise ValueError("common_words is a word list with no needle to place: leave depths unset")
-        return depths
 
     @model_validator(mode="after")
     def _common_beats_uncommon(self) -> CommonWordsConfig:
@@ -95,7 +89,7 @@ def word_list(common: list[str], uncommon: list[str], freq_cw: int, freq_ucw: in
 
 
 @register_task
-class CommonWords(Task):
+class CommonWords(RecallTask):
     """RULER's common words extraction (cwe: `freq_cw: 30`, `freq_ucw: 3`, `num_cw: 10`).
 
     As in RULER, below 4096 tokens the list uses 6 and 1 repetitions (when `freq_cw` / `freq_ucw` are
@@ -143,19 +137,6 @@ class CommonWords(Task):
 
                 n, prompt_ids, question_ids = fit_text(self.name, tokenizer, length, render, question, start=last)
                 last = n
-                samples.append(
-                    Sample(
-                        sample_id=sample_id,
-                        task=self.name,
-                        prompt=render(n) + question,
-                        prompt_ids=prompt_ids,
-                        answer=", ".join(common),
-                        context_length=length,
-                        question_ids=question_ids,
-                        answers=tuple(common),
-                    )
-                )
+                samples.append(self.sample(sample_id, length, render(n) + question, prompt_ids, question_ids, common))
         return samples
 
-    def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
-        return {"accuracy": recall(sample.expected, output)}

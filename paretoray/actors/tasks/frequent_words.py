@@ -13,10 +13,10 @@ import random
 import string
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from paretoray.actors.tasks.base import LengthsConfig, Sample, Task, TaskInputError, register_task
-from paretoray.actors.tasks.haystack import fit_text, recall
+from paretoray.actors.tasks.base import LengthsConfig, Sample, TaskInputError, register_task
+from paretoray.actors.tasks.haystack import RecallTask, fit_text
 
 # RULER's template and answer prefix (scripts/data/synthetic/constants.py), cut where the context goes.
 INTRO = (
@@ -42,14 +42,8 @@ class FrequentWordsConfig(LengthsConfig):
         le=100_000,
         description="made-up words (the noise word included); default RULER's context_length // 50, at least 5",
     )
-    depths: list[float] | None = Field(None, description="not used: a word stream has no needle to place")
+    places_needles = False  # nothing to place at a depth: `depths` is refused
 
-    @field_validator("depths")
-    @classmethod
-    def _no_depths(cls, depths: list[float] | None) -> list[float] | None:
-        if depths is not None:
-            raise ValueError("frequent_words is a word stream with no needle to place: leave depths unset")
-        return depths
 
 
 def zipf_counts(num_words: int, vocab_size: int, alpha: float) -> list[int]:
@@ -67,7 +61,7 @@ def zipf_counts(num_words: int, vocab_size: int, alpha: float) -> list[int]:
 
 
 @register_task
-class FrequentWords(Task):
+class FrequentWords(RecallTask):
     """RULER's frequent words extraction (fwe: `alpha: 2.0`).
 
     Each sample draws `vocab_size` distinct words of `coded_wordlen` random lowercase letters (RULER:
@@ -117,19 +111,6 @@ class FrequentWords(Task):
                         f"for the third answer word to appear once at alpha {cfg.alpha}",
                     )
                 answers = vocab[1 : ANSWERS + 1]
-                samples.append(
-                    Sample(
-                        sample_id=sample_id,
-                        task=self.name,
-                        prompt=render(n) + question,
-                        prompt_ids=prompt_ids,
-                        answer=", ".join(answers),
-                        context_length=length,
-                        question_ids=question_ids,
-                        answers=tuple(answers),
-                    )
-                )
+                samples.append(self.sample(sample_id, length, render(n) + question, prompt_ids, question_ids, answers))
         return samples
 
-    def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
-        return {"accuracy": recall(sample.expected, output)}

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from paretoray.actors.tasks.base import LengthsConfig, Sample, TaskConfig, TaskInputError
+from paretoray.actors.tasks.base import LengthsConfig, Sample, Task, TaskConfig, TaskInputError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -316,3 +316,18 @@ def fit_text(
     # fit_units starts at (budget - base) // unit_tokens: a base chosen to make that `start`.
     n = fit_units(n_tokens, length, unit_tokens, length - start * unit_tokens)
     return n, cache[n], question_ids
+
+
+class RecallTask(Task):
+    """A task scored as RULER scores its synthetic tasks: the recall of every expected string."""
+
+    has_lengths = True
+
+    def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
+        return {"accuracy": recall(sample.expected, output)}
+
+    def sample(self, sample_id: str, length: int, prompt: str, prompt_ids: list[int], question_ids: list[int],
+               answers: Sequence[str], depth: float = 0.0, joiner: str = ", ") -> Sample:
+        return Sample(sample_id=sample_id, task=self.name, prompt=prompt, prompt_ids=prompt_ids,
+                      answer=joiner.join(answers), context_length=length, depth=depth,
+                      question_ids=tuple(question_ids), answers=tuple(answers))

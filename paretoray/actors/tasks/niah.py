@@ -16,16 +16,16 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from paretoray.actors.tasks.base import Sample, Task, register_task
+from paretoray.actors.tasks.base import Sample, register_task
 from paretoray.actors.tasks.haystack import (
     FILLER,
     HaystackConfig,
     HaystackFiles,
+    RecallTask,
     essay_words,
     fit_text,
     haystack_units,
     interleave,
-    recall,
 )
 
 # RULER's template (scripts/data/synthetic/constants.py), cut where the context goes, and its needle.
@@ -94,7 +94,7 @@ class NiahConfig(HaystackConfig):
 
 
 @register_task
-class Niah(Task):
+class Niah(RecallTask):
     """RULER's NIAH family; its knobs are RULER's own (`scripts/synthetic.yaml`).
 
     * `num_needle_k` keys are hidden, each with `num_needle_v` values (one needle per value);
@@ -169,23 +169,9 @@ class Niah(Task):
                 question = ask.format(type_needle_v=kind_v, query=spoken_list([keys[i] for i in asked]))
                 n, prompt_ids, question_ids = fit_text(self.name, tokenizer, length, render, question, start=last)
                 last = n
-                samples.append(
-                    Sample(
-                        sample_id=sample_id,
-                        task=self.name,
-                        prompt=render(n) + question,
-                        prompt_ids=prompt_ids,
-                        answer=", ".join(answers),
-                        context_length=length,
-                        depth=depth,
-                        question_ids=question_ids,
-                        answers=tuple(answers),
-                    )
-                )
+                samples.append(self.sample(sample_id, length, render(n) + question, prompt_ids, question_ids, answers, depth=depth))
         return samples
 
-    def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
-        return {"accuracy": recall(sample.expected, output)}
 
 
 def _distractors(rng: random.Random, cfg: NiahConfig, keys: set[str]) -> Callable[[int], str]:

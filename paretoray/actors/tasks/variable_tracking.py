@@ -14,10 +14,17 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from paretoray.actors.tasks.base import Sample, Task, register_task
-from paretoray.actors.tasks.haystack import FILLER, HaystackConfig, fit_text, haystack_units, interleave, recall
+from paretoray.actors.tasks.base import Sample, register_task
+from paretoray.actors.tasks.haystack import (
+    FILLER,
+    HaystackConfig,
+    RecallTask,
+    fit_text,
+    haystack_units,
+    interleave,
+)
 
 # RULER's template and answer prefix (scripts/data/synthetic/constants.py), cut where the context goes.
 INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
@@ -36,14 +43,8 @@ class VariableTrackingConfig(HaystackConfig):
     fewshot_tokens: int = Field(
         500, ge=0, le=100_000, description="tokens of RULER's one-shot worked example before the task (0: none)"
     )
-    depths: list[float] | None = Field(None, description="not used: the chains are spread at random, as RULER spreads them")
+    places_needles = False  # nothing to place at a depth: `depths` is refused
 
-    @field_validator("depths")
-    @classmethod
-    def _no_depths(cls, depths: list[float] | None) -> list[float] | None:
-        if depths is not None:
-            raise ValueError("variable_tracking spreads its chains at random (as RULER does): leave depths unset")
-        return depths
 
 
 class _Chains:
@@ -95,7 +96,7 @@ class _Chains:
 
 
 @register_task
-class VariableTracking(Task):
+class VariableTracking(RecallTask):
     """RULER's variable tracking (vt: `num_chains: 1`, `num_hops: 4`, noise haystack).
 
     Every variable name is 5 capital letters (3 in the worked example) and names are distinct; each
@@ -158,19 +159,6 @@ class VariableTracking(Task):
                     self.name, tokenizer, length, context, question, start=last, hint=hint
                 )
                 last = n
-                samples.append(
-                    Sample(
-                        sample_id=sample_id,
-                        task=self.name,
-                        prompt=context(n) + question,
-                        prompt_ids=prompt_ids,
-                        answer=" ".join(chains.names[0]),
-                        context_length=length,
-                        question_ids=question_ids,
-                        answers=tuple(chains.names[0]),
-                    )
-                )
+                samples.append(self.sample(sample_id, length, context(n) + question, prompt_ids, question_ids, chains.names[0], joiner=" "))
         return samples
 
-    def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
-        return {"accuracy": recall(sample.expected, output)}
