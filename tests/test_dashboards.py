@@ -541,3 +541,17 @@ def test_suite_entries_where_dense_is_weak_are_named():
     ]
     assert uninformative_parts({"workload": {}}, rows) == [("vt", 0.05)]
     assert [(p, round(v, 6)) for p, v in uninformative_parts({"workload": {"min_dense_accuracy": 0.95}}, rows)] == [("niah", 0.85), ("vt", 0.05)]
+
+
+def test_without_a_dense_trial_the_reference_is_dense_as_each_trial_paired_it():
+    from paretoray.dashboards.data import Importances, SweepData
+
+    rows = [{"state": "complete", "technique": "streaming_llm", "trial": i,
+             "metrics": {"dense_latency_ms_per_token": lat, "dense_ttft_ms": 100.0 + i, "dense_accuracy": 1.0}}
+            for i, lat in enumerate([10.0, 12.0, 11.0])]
+    sweep = SweepData("s", {"workload": {}}, ["speedup"], {"speedup": "maximize"}, rows, {}, None, None, "FINISHED", 0,
+                      Importances({}, 0))
+    source, values = sweep.reference()
+    assert "baseline" in source
+    assert values["latency_ms_per_token"] == 11.0 and values["ttft_ms"] == 101.0 and values["accuracy"] == 1.0
+    assert values["speedup"] == 1.0 and values["tokens_per_s"] == 1000.0 / 11.0

@@ -169,6 +169,7 @@ METRICS: dict[str, Metric] = {
         Metric("dense_latency_ms_per_token", False, "ms", "the same for dense, timed back to back with the technique",
                Median("dense_latency_ms_per_token")),
         Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), broken_down=True),
+        Metric("dense_ttft_ms", False, "ms", "the same for dense, timed back to back with the technique", Median("dense_ttft_ms")),
         Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token")),
         Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
                Max("kv_cache_bytes", scale=1 / 2**20)),
