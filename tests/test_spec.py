@@ -86,6 +86,9 @@ def test_valid_spec_space(tmp_path):
         ({"workload__num_keys": 3}, "workload.num_keys", "unknown field"),  # passkey has one key
         ({"workload__depths": [0.5, 2.0]}, "workload.depths", "fractions in [0, 1]"),
         ({"workload__repeats": 0}, "workload.repeats", "greater than or equal to 1"),
+        ({"workload": {"task": "suite", "max_new_tokens": 8, "tasks": {"passkey": {"context_lengths": [512]}}}},
+         "workload.max_new_tokens", "a budget per entry"),
+        ({"constraints": ["relative_accuracy/ctx1024 >= 0.5"]}, "constraints[0]", "unknown metric"),
         ({"workload__seed": 2**40}, "workload.seed", "less than or equal to"),
         ({"objectives": {"accuracy_ci_low": "minimize"}}, "objectives.accuracy_ci_low", "expected maximize"),
         ({"workload__samples_per_length": 0}, "workload.samples_per_length", "greater than or equal to 1"),

@@ -69,3 +69,25 @@ def test_interval_bounds_are_valid_objective_names_with_their_metric_direction()
     assert metric_direction("accuracy/ctx1024") == "maximize"
     assert metric_direction("nope") is None
     assert all(m.aggregate is not None for m in METRICS.values())
+
+
+def test_relative_accuracy_interval_keeps_resamples_where_dense_scored_nothing():
+    low, high = stats.ratio_of_means_interval([1.0] * 10, [1.0] + [0.0] * 9)
+    assert low <= 10.0 and high == math.inf  # the point estimate inside; dense's zeros leave it unbounded
+    out = aggregate([{"accuracy": 1.0, "dense_accuracy": math.nan}, {"accuracy": 1.0, "dense_accuracy": 1.0}])
+    assert out["relative_accuracy"] == 1.0  # NaN rows are left out of the point and the interval alike
+
+
+def test_breakdowns_and_bounds_exist_only_where_the_registry_declares_them():
+    assert metric_direction("relative_accuracy/ctx1024") is None  # not broken down
+    assert metric_direction("accuracy/bogus") == "maximize"  # a suite entry's name is not known here
+    assert metric_direction("accuracy/niah_ci_low") is None
+    assert metric_direction("kv_cache_mb/foo") is None
+
+
+def test_a_constraint_on_an_absent_metric_makes_the_trial_infeasible():
+    from paretoray.orchestrator.spec import Constraint
+
+    assert Constraint("relative_accuracy", ">=", 0.9).violation({"accuracy": 0.0}) == math.inf
+    assert Constraint("accuracy", ">=", 0.5).violation({"accuracy": math.nan}) == math.inf
+    assert Constraint("accuracy", ">=", 0.5).violation({"accuracy": 0.75}) == -0.25

@@ -270,3 +270,41 @@ def test_metrics_break_down_by_suite_entry():
             {"group": "b", "accuracy": 1.0, "dense_accuracy": 0.0}]
     out = aggregate(rows)
     assert out["accuracy/a"] == 1.0 and out["accuracy/b"] == 0.5 and out["dense_accuracy/b"] == 0.5
+
+
+def test_a_suite_entry_budget_is_reserved_when_its_rows_are_fitted(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETORAY_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"context": "word " * 2000, "question": "Which word?", "answer": "word"}) + "\n")
+    suite = build_task("suite", {"tasks": {"d": {"task": "dataset", "path": str(data), "truncate": "middle",
+                                                 "max_new_tokens": 256}}})
+    (sample,) = cached_samples(suite, tok, seed=0, window=1024)
+    assert sample.max_new_tokens == 256 and len(sample.prompt_ids) + 256 <= 1024
+
+
+def test_suite_errors_name_the_entry(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETORAY_CACHE", str(tmp_path))
+    suite = build_task("suite", {"tasks": {"pk": {"task": "passkey", "context_lengths": [512]}}})
+    with pytest.raises(TaskInputError) as err:
+        cached_samples(suite, tok, seed=0, window=300)
+    assert err.value.field == "tasks.pk.context_lengths" and "passkey/ctx512" in str(err.value)
+
+
+def test_your_own_haystack_file_keys_the_cached_samples(tok, tmp_path, monkeypatch):
+    from paretoray.actors.tasks.cache import samples_key
+
+    text = tmp_path / "hay.txt"
+    text.write_text("The river bends twice before the old mill. " * 50)
+    task = build_task("niah", {"context_lengths": [256], "samples_per_length": 1, "haystack": {"path": str(text)}})
+    before = samples_key(task, tok, 0, None, None)
+    text.write_text("A different story about a lighthouse keeper. " * 50)
+    assert samples_key(task, tok, 0, None, None) != before
+
+
+def test_repeated_lengths_or_depths_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lengths repeat"):
+        build_task("passkey", {"context_lengths": [1024, 1024]})
+    with pytest.raises(ValidationError, match="depths repeat"):
+        build_task("passkey", {"context_lengths": [1024], "depths": [0.5, 0.5]})

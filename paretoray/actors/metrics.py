@@ -76,7 +76,8 @@ class RatioOfMeans:
     interval: bool = False
 
     def _pairs(self, rows: list[Row]) -> tuple[list[float], list[float]]:
-        kept = [r for r in rows if r.get(self.numerator) is not None and r.get(self.denominator) is not None]
+        kept = [r for r in rows if r.get(self.numerator) is not None and r.get(self.denominator) is not None
+                and math.isfinite(float(r[self.numerator])) and math.isfinite(float(r[self.denominator]))]
         return [float(r[self.numerator]) for r in kept], [float(r[self.denominator]) for r in kept]
 
     def __call__(self, rows: list[Row]) -> float | None:
@@ -202,12 +203,15 @@ def metric_names() -> list[str]:
 
 def metric_direction(name: str) -> str | None:
     """maximize/minimize for a metric or one of its interval bounds; None for unknown names."""
-    base = name
     for suffix in INTERVAL_SUFFIXES:
-        if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
-            base = name.removesuffix(suffix)
-    metric = METRICS.get(base.split("/", 1)[0])  # a breakdown (accuracy/ctx1024, accuracy/niah) keeps its direction
-    return metric.direction if metric else None
+        base = name.removesuffix(suffix)
+        if base != name and base in METRICS:
+            return METRICS[base].direction if METRICS[base].has_interval else None
+    base, slash, part = name.partition("/")
+    metric = METRICS.get(base)
+    if metric is None or (slash and not (metric.broken_down and part and not part.endswith(INTERVAL_SUFFIXES))):
+        return None  # a breakdown (accuracy/ctx1024, accuracy/niah) exists only for broken-down metrics
+    return metric.direction
 
 
 def aggregate(rows: list[Row], lengths: list[int] | None = None) -> dict[str, float]:

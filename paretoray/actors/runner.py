@@ -113,8 +113,13 @@ class TrialRunner:
             return {"query_placement": workload.query_placement, "metrics": technique.measure_without_model(), "samples": []}
         task = workload.task_object
         samples = self._workload_samples(workload)
-        self._warm_up(samples)
-        rows = [self._measure_sample(index, sample, technique, task, workload) for index, sample in enumerate(samples)]
+        self._warm_up(samples, technique)
+        # Order alternates within each length, so that no length always runs dense first.
+        seen: dict[int, int] = {}
+        rows = []
+        for sample in samples:
+            index = seen[sample.context_length] = seen.get(sample.context_length, -1) + 1
+            rows.append(self._measure_sample(index, sample, technique, task, workload))
         return {
             "query_placement": workload.query_placement,
             "metrics": aggregate(rows, task.context_lengths if task.has_lengths else None),
@@ -192,12 +197,15 @@ class TrialRunner:
                 workload.task_object, self.tokenizer, workload.seed, self.window, workload.max_new_tokens)
         return self._samples[workload.key]
 
-    def _warm_up(self, samples: list[Sample]) -> None:
-        """One short run first: the first forward pays for allocation and kernel selection."""
+    def _warm_up(self, samples: list[Sample], technique: Technique) -> None:
+        """Short runs first: the actor's first forward pays for allocation and kernel selection, and a
+        trial's first call of its technique (its hooks, its draft) would otherwise land in sample 0."""
+        prompt = torch.tensor([list(samples[0].prompt_ids[:64])], device=self.device)
         if not self._warm:
-            prompt = torch.tensor([list(samples[0].prompt_ids[:64])], device=self.device)
             self.reference.generate(self.model, prompt, 4)
             self._warm = True
+        extra = {"draft": self.draft} if technique.needs_draft else {}
+        technique.generate(self.model, prompt, 4, **extra)
 
 
 def _ms_per_token(run: Generation) -> float:

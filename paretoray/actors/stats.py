@@ -72,12 +72,16 @@ def ratio_of_means_interval(numerator: Sequence[float], denominator: Sequence[fl
         return math.nan, math.nan
     num, den = pairs[:, 0], pairs[:, 1]
     idx = _indices(len(num), seed)
+    top, bottom = num[idx].mean(axis=-1), den[idx].mean(axis=-1)
+    # A resample where dense scored nothing has no finite ratio: it counts as unbounded (+inf, or
+    # NaN for 0/0, dropped), so that dense's zeros widen the interval instead of vanishing from it.
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = num[idx].mean(axis=-1) / den[idx].mean(axis=-1)
-    ratios = ratios[np.isfinite(ratios)]
+        ratios = np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.where(top > 0, np.inf, np.nan))
+    ratios = ratios[~np.isnan(ratios)]
     if ratios.size == 0:
         return math.nan, math.nan
-    low, high = np.quantile(ratios, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    low = np.quantile(ratios, (1 - CONFIDENCE) / 2, method="lower")
+    high = np.quantile(ratios, (1 + CONFIDENCE) / 2, method="higher")
     return float(low), float(high)
 
 

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -224,6 +225,10 @@ def prepare_samples(spec: SweepSpec, remote: bool = False) -> int:
 
     registry = available_techniques()
     if not any(registry[name].uses_model for name in spec.techniques if name in registry):
+        return 0
+    if remote and not Path(spec.model.id).expanduser().is_dir():
+        # A registry model would be de-quantized here, on the driver, only to read its tokenizer.
+        print("note: the actors build the samples (the model is not a local directory here)", file=sys.stderr)
         return 0
     try:
         tokenizer, window = load_tokenizer(spec.model.id)

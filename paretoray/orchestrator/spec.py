@@ -7,6 +7,7 @@ directions, workload task names. Every error names the file, the field path and 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,8 +161,11 @@ class Constraint:
     bound: float
 
     def violation(self, metrics: dict[str, float]) -> float:
-        """Optuna's convention: feasible when <= 0."""
-        value = metrics[self.metric]
+        """Optuna's convention: feasible when <= 0. A metric the trial did not produce (or NaN) makes it
+        infeasible: never a crash (relative_accuracy is absent where dense scores 0, say)."""
+        value = metrics.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return math.inf
         return self.bound - value if self.op == ">=" else value - self.bound
 
     def __str__(self) -> str:
@@ -294,6 +298,9 @@ def _check_task(spec: SweepSpec) -> list[tuple[str, str]]:
     except ValidationError as error:
         return _pydantic_problems(error, prefix="workload.")
     task = task_class(workload.task)(config)
+    if task.budgets_per_sample and workload.max_new_tokens is not None:
+        return [("workload.max_new_tokens", f"task {task.name!r} takes a budget per entry (tasks.NAME.max_new_tokens), "
+                 "not one for the whole workload")]
     return [(f"workload.{field}" if field else "workload", message) for field, message in task.check()]
 
 

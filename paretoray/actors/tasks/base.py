@@ -44,6 +44,8 @@ class LengthsConfig(TaskConfig):
     def _long_enough(cls, lengths: list[int]) -> list[int]:
         if any(n < 64 for n in lengths):
             raise ValueError(f"every context length must be >= 64 tokens, got {lengths}")
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"context lengths repeat (each would measure the same samples twice): {lengths}")
         return lengths
 
     @field_validator("depths")
@@ -53,6 +55,8 @@ class LengthsConfig(TaskConfig):
             raise ValueError("this task places no needle at a depth (its items are spread as RULER spreads them): leave depths unset")
         if depths is not None and (not depths or any(not 0.0 <= d <= 1.0 for d in depths)):
             raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths}")
+        if depths is not None and len(set(depths)) != len(depths):
+            raise ValueError(f"depths repeat (use samples_per_length for more samples at a depth): {depths}")
         return depths
 
     def cells(self) -> list[tuple[float, int]]:
@@ -129,6 +133,8 @@ class Task:
     scored_by_reference: ClassVar[bool] = False
     # Per-length breakdowns (accuracy/ctxN) make sense: samples are fitted to requested lengths.
     has_lengths: ClassVar[bool] = False
+    # Every sample carries its own generation budget (a suite's entries): workload.max_new_tokens is refused.
+    budgets_per_sample: ClassVar[bool] = False
 
     def __init__(self, config: TaskConfig):
         self.config = config

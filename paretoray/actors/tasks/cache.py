@@ -54,8 +54,9 @@ def check_window(task: Task, samples: list[Sample], window: int | None, budget: 
     for sample in samples:
         need = len(sample.prompt_ids) + (sample.max_new_tokens or budget or task.default_max_new_tokens)
         if need > window:
+            field = "context_lengths" if task.has_lengths else "max_new_tokens"
             raise TaskInputError(
-                "context_lengths" if task.has_lengths else "max_new_tokens",
+                f"tasks.{sample.group}.{field}" if sample.group else field,
                 f"sample {sample.sample_id}: {len(sample.prompt_ids)} prompt tokens + "
                 f"{need - len(sample.prompt_ids)} new tokens exceed the model's window of {window} tokens",
             )

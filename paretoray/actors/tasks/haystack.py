@@ -83,6 +83,19 @@ def file_sentences(path: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+def files_digest(path: str) -> str:
+    """sha256 over a file, or over a folder's text files in name order (empty when missing: the build reports it)."""
+    import hashlib
+
+    root = Path(path).expanduser()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md")) if root.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
+        digest.update(file.read_bytes())
+    return f"sha256:{digest.hexdigest()}" if files else ""
+
+
 def haystack_units(haystack: str | HaystackFiles) -> Callable[[int], str]:
     """Unit i of a haystack (units repeat when the text runs out)."""
     if haystack == "noise":
@@ -322,6 +335,11 @@ class RecallTask(Task):
     """A task scored as RULER scores its synthetic tasks: the recall of every expected string."""
 
     has_lengths = True
+
+    def cache_identity(self) -> str:
+        """The user's haystack files change the prompts: their digest keys the cached samples."""
+        haystack = getattr(self.config, "haystack", None)
+        return files_digest(haystack.path) if isinstance(haystack, HaystackFiles) else ""
 
     def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
         return {"accuracy": recall(sample.expected, output)}

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from paretoray.actors.tasks.base import Sample, Task, TaskConfig, build_task, register_task, task_class
+from paretoray.actors.tasks.base import Sample, Task, TaskConfig, TaskInputError, build_task, register_task, task_class
 
 
 def _entry(name: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any], int | None]:
@@ -63,6 +63,7 @@ class Suite(Task):
     name = "suite"
     summary = "several tasks in one trial (a RULER-style suite), metrics also broken down per entry"
     Config = SuiteConfig
+    budgets_per_sample = True  # each entry's max_new_tokens, or its task's own budget
 
     def __init__(self, config: SuiteConfig):
         super().__init__(config)
@@ -80,7 +81,13 @@ class Suite(Task):
     def build(self, tokenizer: Any, seed: int, window: int | None = None) -> list[Sample]:
         samples = []
         for entry, (part, budget) in self.parts.items():
-            for sample in part.build(tokenizer, seed, window):
+            # A part reserves its default budget inside the window it is given: shift it to reserve the entry's.
+            shifted = None if window is None else window - (budget or part.default_max_new_tokens) + part.default_max_new_tokens
+            try:
+                built = part.build(tokenizer, seed, shifted)
+            except TaskInputError as error:
+                raise TaskInputError(f"tasks.{entry}.{error.field}", str(error)) from None
+            for sample in built:
                 sample_id = sample.sample_id if entry == part.name else f"{entry}:{sample.sample_id}"
                 samples.append(dataclasses.replace(
                     sample, sample_id=sample_id, group=entry,
