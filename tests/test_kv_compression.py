@@ -162,3 +162,18 @@ def test_attention_hooks_are_removed(tiny_model):
     technique.generate(model, prompt(model, 40), 3)
     assert hooks() == before
     assert model.config._attn_implementation == implementation
+
+
+@pytest.mark.parametrize("capacity,window,beta,prompt_len,layers,expected", [
+    # C <= L < 2 (C - w): the reference keeps SnapKV's uniform C in every layer (not a clamped pyramid).
+    (1024, 32, 20, 1536, 30, [1024] * 30),
+    # L >= 2 (C - w): min = 96 // 20 = 4, max = 192 - 4 = 188, steps = (188 - 4) // 29 = 6: 188 - 6 i + 32.
+    (128, 32, 20, 2048, 30, [188 - 6 * i + 32 for i in range(30)]),
+    # The clamp: max = 64 - 1 = 63 >= L - w = 48, so max = 48, min = 64 - 48 = 16, steps = 32 // 29 = 1.
+    (64, 32, 20, 80, 30, [48 - i + 32 for i in range(30)]),
+    # L < C: nothing compressed.
+    (1024, 32, 20, 900, 4, [900] * 4),
+])
+def test_pyramidkv_budgets_follow_the_reference_formulas(capacity, window, beta, prompt_len, layers, expected):
+    technique = build_technique("pyramidkv", {"window_size": window, "max_capacity_prompt": capacity, "beta": beta})
+    assert [technique.layer_budget(i, layers, prompt_len) for i in range(layers)] == expected

@@ -3,10 +3,15 @@
 Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling"
 (arXiv:2406.02069; reference code Zefan-Cai/KVCache-Factory).
 
-Each layer keeps its window plus a prefix budget that falls linearly with depth from
-max = 2 (C - w) - min at the first layer to min = (C - w) // beta at the last, so the total over
-layers matches SnapKV's uniform C; when max would exceed the prompt's prefix it is clamped and
-min raised to keep the total (as the reference does).
+Three regimes, as the reference's `PyramidKVCluster.update_kv` has them (prompt length L,
+capacity C, window w):
+- L < C: nothing is compressed;
+- C <= L < 2 (C - w): SnapKV's uniform budget, C entries in every layer (the pyramid would need
+  more prefix than the prompt has);
+- otherwise each layer keeps its window plus a prefix budget that falls linearly with depth from
+  max = 2 (C - w) - min at the first layer to min = (C - w) // beta at the last, in steps of
+  (max - min) // (layers - 1), so the total over layers is about SnapKV's uniform C; when max
+  would exceed the prompt's prefix L - w it is clamped there and min raised to keep the total.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class PyramidKV(SnapKV):
         if capacity >= prompt_len:
             return prompt_len
         average = max(capacity - window, 0)
+        if prompt_len < 2 * average:  # too short for the pyramid: the reference keeps SnapKV's uniform C
+            return window + average
         low = average // self.beta
         high = 2 * average - low
         if high >= prompt_len - window:
