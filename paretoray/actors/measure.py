@@ -4,14 +4,9 @@ recorded with every figure (so machines are never mixed silently)."""
 from __future__ import annotations
 
 import platform
-import statistics
 from pathlib import Path
 
 import torch
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 class PeakMemory:

@@ -206,15 +206,23 @@ def build_task(name: str, settings: dict[str, Any]) -> Task:
 
 
 def _type_text(annotation: Any) -> str:
+    """A field's type as a sweep file writes it: `list[int]`, `a | b`, a nested config as `{path: str}`."""
     import re
+    import types
     import typing
 
-    if typing.get_origin(annotation) is typing.Literal:
-        return " | ".join(map(str, typing.get_args(annotation)))
-    if isinstance(annotation, type) and not typing.get_args(annotation):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(arg) for arg in args)
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(f"{k}: {_type_text(f.annotation)}" for k, f in annotation.model_fields.items()) + "}"
+    if isinstance(annotation, type) and not args:
         return annotation.__name__
-    text = re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(annotation))
-    return re.sub(r"HaystackFiles", "{path: FILE}", text)
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(annotation))
 
 
 def describe_config(config_cls: type[TaskConfig]) -> list[tuple[str, str, str]]:

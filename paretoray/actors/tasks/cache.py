@@ -21,6 +21,19 @@ from paretoray.actors.tasks.base import Sample, Task, TaskInputError
 from paretoray.paths import cache_root
 
 
+def files_digest(root: Path, files: list[Path]) -> str:
+    """`sha256:` over files' contents (streamed) and, inside a folder `root`, their relative names:
+    what a task whose samples come from the user's files adds to its cache key."""
+    digest = hashlib.sha256()
+    for file in files:
+        if root.is_dir():
+            digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import math
 import random
@@ -47,6 +46,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from paretoray.actors.tasks.cache import files_digest
 from paretoray.actors.tasks.base import Sample, Task, TaskConfig, TaskInputError, register_task
 
 MAX_BYTES = 2 * 1024**3  # refuse larger data files (a folder: all its files together)
@@ -551,19 +551,6 @@ def _load_saved(path: Path) -> Any:
     return pa.concat_tables(tables)
 
 
-def _digest(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (relative names and contents, in name order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def _state(path: Path) -> tuple[Any, ...]:
     """What changes when the data does (without reading it): sizes and modification times."""
     try:
@@ -602,7 +589,7 @@ class Dataset(Task):
     def cache_identity(self) -> str:
         path = Path(self.config.path).expanduser()
         try:
-            return "sha256:" + _digest(path)
+            return files_digest(path, sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
         except OSError:
             return f"unreadable:{self.config.path}"
 

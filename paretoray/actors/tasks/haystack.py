@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from paretoray.actors.tasks.base import LengthsConfig, Sample, Task, TaskConfig, TaskInputError
+from paretoray.actors.tasks.cache import files_digest
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -59,11 +60,18 @@ def essay_sentences() -> tuple[str, ...]:
     return tuple(kept)
 
 
+def text_files(root: Path) -> list[Path]:
+    """The haystack's files: `root` itself, or a folder's .txt and .md files in name order."""
+    if root.is_dir():
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
+    return [root] if root.is_file() else []
+
+
 def file_sentences(path: str) -> tuple[str, ...]:
     """Sentences of the user's text file(s); errors name the file (TaskInputError on `haystack.path`)."""
     root = Path(path).expanduser()
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
+        files = text_files(root)
         if not files:
             raise TaskInputError("haystack.path", f"{root}: no .txt or .md file in this folder")
     elif root.is_file():
@@ -81,19 +89,6 @@ def file_sentences(path: str) -> tuple[str, ...]:
     if not found:
         raise TaskInputError("haystack.path", f"{root}: no text to make a haystack of")
     return tuple(found)
-
-
-def files_digest(path: str) -> str:
-    """sha256 over a file, or over a folder's text files in name order (empty when missing: the build reports it)."""
-    import hashlib
-
-    root = Path(path).expanduser()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md")) if root.is_dir() else []
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
-        digest.update(file.read_bytes())
-    return f"sha256:{digest.hexdigest()}" if files else ""
 
 
 def haystack_units(haystack: str | HaystackFiles) -> Callable[[int], str]:
@@ -339,7 +334,10 @@ class RecallTask(Task):
     def cache_identity(self) -> str:
         """The user's haystack files change the prompts: their digest keys the cached samples."""
         haystack = getattr(self.config, "haystack", None)
-        return files_digest(haystack.path) if isinstance(haystack, HaystackFiles) else ""
+        if not isinstance(haystack, HaystackFiles):
+            return ""
+        root = Path(haystack.path).expanduser()
+        return files_digest(root, text_files(root))  # no file: the build reports it
 
     def score(self, sample: Sample, output: str, reference: str | None = None) -> dict[str, float]:
         return {"accuracy": recall(sample.expected, output)}
