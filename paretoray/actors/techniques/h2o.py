@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.kv_compression import (
     CAPACITY,
     CompressedLayer,
@@ -34,15 +34,12 @@ QUERY_CHUNK = 512  # prompt queries scored at once: bounds the [chunk x L] atten
 @register
 @dataclass(frozen=True)
 class H2O(PromptCompression):
-    max_capacity_prompt: float = 1024.0
-    recent_fraction: float = 0.5
+    max_capacity_prompt: float = CAPACITY.field()
+    recent_fraction: float = param("float", 0.5, low=0.0, high=1.0, doc="share of the budget for recent tokens (paper: half)")
 
     name = "h2o"
     carries_scores = True
-    params = {
-        "max_capacity_prompt": CAPACITY,
-        "recent_fraction": Param("float", 0.5, low=0.0, high=1.0, doc="share of the budget for recent tokens (paper: half)"),
-    }
+    examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25}}
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         return budget_tokens(self.max_capacity_prompt, prompt_len)

@@ -9,9 +9,11 @@ really shrinks: keys and values are re-allocated at the kept length.
 Positions: SnapKV, PyramidKV and H2O keep each kept key at its original RoPE position, and new
 tokens continue at their text positions (the cache counts tokens seen, not tokens kept).
 
-GQA: scores are computed per query head and averaged over each KV head's group, and positions
-are selected per KV head (kvpress's rule; SnapKV's original code repeats the KV heads and selects
-per query head, which costs `groups` times the memory).
+GQA: by default scores are computed per query head and averaged over each KV head's group, and
+positions are selected per KV head (kvpress's rule). A technique may instead repeat the KV heads
+to the query heads before scoring (`kv_repeat`, SnapKV's original rule): the layer then stores and
+selects per query head, at `groups` times the memory, and repeats every appended token the same
+way.
 
 Layers may keep different lengths (PyramidKV). transformers sizes its causal mask from one
 layer, so while a technique is applied the model runs an SDPA attention registered here that
@@ -56,8 +58,9 @@ AttentionInterface.register(ATTENTION, end_aligned_sdpa)  # no mask function: tr
 class CompressedLayer(DynamicLayer):
     """A layer cache that can be cut down to chosen positions per KV head.
 
-    `positions` [B, Hkv, n] holds the text position of every stored entry, so tests and reports
-    can say exactly what was kept. `scores` is free for techniques that carry state (H2O).
+    `positions` [B, heads, n] holds the text position of every stored entry, so tests and reports
+    can say exactly what was kept. `scores` is free for techniques that carry state (H2O). The
+    heads are the KV heads, or the query heads once `expand` has repeated them.
     """
 
     def __init__(self):
@@ -67,8 +70,12 @@ class CompressedLayer(DynamicLayer):
         self.scores: torch.Tensor | None = None
         self.budget: int | None = None
         self.compressed = False
+        self.repeat = 1  # > 1 once expand() has repeated the KV heads to the query heads
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.repeat > 1:  # an expanded layer stores one head per query head: repeat what arrives
+            key_states = key_states.repeat_interleave(self.repeat, dim=1)
+            value_states = value_states.repeat_interleave(self.repeat, dim=1)
         keys, values = super().update(key_states, value_states)
         new = torch.arange(self.seen, self.seen + key_states.shape[-2], device=key_states.device)
         new = new.expand(*key_states.shape[:2], -1)
@@ -83,6 +90,16 @@ class CompressedLayer(DynamicLayer):
         self.positions = self.positions.gather(2, index)
         if self.scores is not None:
             self.scores = self.scores.gather(2, index)
+
+    def expand(self, groups: int) -> None:
+        """Repeat every KV head `groups` times (transformers' `repeat_kv` order: KV head h becomes
+        query heads h * groups ... h * groups + groups - 1); later tokens are repeated on arrival."""
+        self.keys = self.keys.repeat_interleave(groups, dim=1)
+        self.values = self.values.repeat_interleave(groups, dim=1)
+        self.positions = self.positions.repeat_interleave(groups, dim=1)
+        if self.scores is not None:
+            self.scores = self.scores.repeat_interleave(groups, dim=1)
+        self.repeat *= groups
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -159,12 +176,15 @@ class PromptCompression(Technique):
     """Base of score -> select -> gather techniques (not registered itself)."""
 
     phase = "kv-cache"
-    params = {}
     carries_scores = False  # keep the prefill scores on the layer for decoding (H2O accumulates them)
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         """Entries this layer keeps after compressing a prompt of `prompt_len` tokens."""
         raise NotImplementedError
+
+    def kv_repeat(self, module) -> int:
+        """How many times each KV head is repeated before scoring and storing (1: select per KV head)."""
+        return 1
 
     def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores [B, Hkv, L] (higher is kept) and the positions [L] always kept (or None), for a
@@ -191,6 +211,8 @@ class PromptCompression(Technique):
             if not layer.compressed and hidden_states.shape[1] > 1:
                 layer.compressed = True
                 layer.budget = self.layer_budget(module.layer_idx, num_layers, layer.keys.shape[-2])
+                if (repeat := self.kv_repeat(module)) > 1:
+                    layer.expand(repeat)
                 if layer.budget < layer.keys.shape[-2] or self.carries_scores:
                     scores, protected = self.prefill_scores(module, hidden_states, position_embeddings, layer.keys, layer.budget)
                     layer.scores = scores if self.carries_scores else None

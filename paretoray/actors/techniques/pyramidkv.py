@@ -12,13 +12,16 @@ capacity C, window w):
   max = 2 (C - w) - min at the first layer to min = (C - w) // beta at the last, in steps of
   (max - min) // (layers - 1), so the total over layers is about SnapKV's uniform C; when max
   would exceed the prompt's prefix L - w it is clamped there and min raised to keep the total.
+
+SnapKV's `gqa` rule applies unchanged: with `per_query_head` every query head keeps its layer's
+budget of its own positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.kv_compression import budget_tokens
 from paretoray.actors.techniques.snapkv import SnapKV
 
@@ -26,10 +29,9 @@ from paretoray.actors.techniques.snapkv import SnapKV
 @register
 @dataclass(frozen=True)
 class PyramidKV(SnapKV):
-    beta: int = 20
+    beta: int = param("int", 20, low=1, high=1000, doc="steepness: the top layer keeps (C - w) / beta")
 
     name = "pyramidkv"
-    params = {**SnapKV.params, "beta": Param("int", 20, low=1, high=1000, doc="steepness: the top layer keeps (C - w) / beta")}
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:
         capacity = budget_tokens(self.max_capacity_prompt, prompt_len)

@@ -9,6 +9,12 @@ pooling (`kernel_size`, stride 1, padding kernel_size // 2), and each KV head ke
 `max_capacity_prompt - window_size` best prefix positions plus the whole window. Decoding then
 appends to the compressed cache; kept keys keep their original positions. Prompts no longer
 than the budget are not compressed (as in the reference).
+
+GQA (`gqa`): `group_mean` (default, kvpress's rule) averages the pooled votes over each KV head's
+query-head group and selects per KV head. `per_query_head` is the original code's rule: it
+repeats the KV heads to the query heads (`repeat_kv`) before scoring, selects per query head and
+keeps the repeated cache, so the cache holds `num_attention_heads` heads, `groups` times the
+memory (and the KV bytes reported), compressed or not, and decoded tokens are repeated too.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.kv_compression import CAPACITY, PromptCompression, attention_weights, budget_tokens, project_queries
 
 
@@ -32,18 +38,15 @@ def pool_positions(scores: torch.Tensor, kernel_size: int, pooling: str) -> torc
 @register
 @dataclass(frozen=True)
 class SnapKV(PromptCompression):
-    window_size: int = 32
-    kernel_size: int = 7
-    pooling: str = "avgpool"
-    max_capacity_prompt: float = 1024.0
+    window_size: int = param("int", 32, low=1, high=1024, doc="observation window: the last prompt tokens that vote (reference: 32)")
+    kernel_size: int = param("int", 7, low=1, high=63, doc="odd width of the pooling over positions (reference: 7 or 5)")
+    pooling: str = param("categorical", "avgpool", choices=("avgpool", "maxpool"), doc="pooling of the window's votes")
+    max_capacity_prompt: float = CAPACITY.field()
+    gqa: str = param("categorical", "group_mean", choices=("group_mean", "per_query_head"),
+                     doc="GQA: average votes per KV group (kvpress) or repeat KV heads, select per query head (original SnapKV, x groups memory)")
 
     name = "snapkv"
-    params = {
-        "window_size": Param("int", 32, low=1, high=1024, doc="observation window: the last prompt tokens that vote (reference: 32)"),
-        "kernel_size": Param("int", 7, low=1, high=63, doc="odd width of the pooling over positions (reference: 7 or 5)"),
-        "pooling": Param("categorical", "avgpool", choices=("avgpool", "maxpool"), doc="pooling of the window's votes"),
-        "max_capacity_prompt": CAPACITY,
-    }
+    examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25, "window_size": 8}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +57,9 @@ class SnapKV(PromptCompression):
         # The window is always kept, so no budget goes below it.
         return max(budget_tokens(self.max_capacity_prompt, prompt_len), min(self.window_size, prompt_len))
 
+    def kv_repeat(self, module) -> int:
+        return module.num_key_value_groups if self.gqa == "per_query_head" else 1
+
     def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget):
         length = keys.shape[-2]
         window = min(self.window_size, length)
@@ -61,6 +67,6 @@ class SnapKV(PromptCompression):
         votes = attention_weights(query, keys, module.scaling).sum(dim=-2)  # [B, Hkv, groups, L]
         prefix = pool_positions(votes[..., : length - window], self.kernel_size, self.pooling)
         scores = torch.zeros_like(votes[:, :, 0])
-        scores[..., : length - window] = prefix.mean(dim=2)  # GQA: average over each KV head's group
+        scores[..., : length - window] = prefix.mean(dim=2)  # GQA: average over each KV head's group (of 1 if repeated)
         protected = torch.arange(length, device=keys.device) >= length - window
         return scores, protected

@@ -16,6 +16,12 @@ the query-key distance, so we keep recent keys (contiguous in the text) at their
 positions, feed new tokens at their original positions, and rotate only the sink keys forward by
 the number of evicted tokens. Every distance then equals the cache-index distance of the paper,
 at O(n_sink) instead of O(window) extra work per step.
+
+Refused (ValueError when the technique is applied, naming the config field): models whose RoPE
+that re-rotation would get wrong: partial rotary (`partial_rotary_factor` < 1, `rotary_dim` below
+the head dimension), RoPE that differs per layer (`rope_parameters` per layer type, Gemma's
+`rope_local_base_freq`), and RoPE types whose angle is not a fixed function of the distance
+('dynamic', 'longrope', ...: see `SHIFTABLE_ROPE_TYPES`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from paretoray.actors.techniques.base import Param, Technique, register
+from paretoray.actors.techniques.base import Technique, param, register
 from paretoray.actors.techniques.kv_compression import gather, select
 
 
@@ -43,12 +49,74 @@ def rotate_by(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.T
     return (k * angle.cos() + rotated_half * angle.sin()).to(keys.dtype)
 
 
+# RoPE types whose rotation is R(theta_i * position) with theta_i fixed once for all lengths, so
+# moving a key by `shift` positions is R(theta_i * shift) whatever its position: 'linear' and
+# 'llama3' only rescale the frequencies; 'yarn' also scales cos/sin by a constant attention factor,
+# which commutes with a rotation. 'dynamic' (NTK) recomputes theta when the positions grow past
+# max_position_embeddings and 'longrope' switches frequency sets past
+# original_max_position_embeddings: the angle then depends on more than the distance, and the
+# paper's cache-index positions would not cross the threshold where the text positions do.
+SHIFTABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_rope(config) -> None:
+    """Refuse a model whose rotary embedding `rotate_by` would move wrongly (ValueError naming the
+    config field): re-rotating the sinks assumes one full-head, rotate-half RoPE with fixed
+    frequencies, the same in every layer."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = type(config).__name__
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope and all(isinstance(value, dict) for value in rope.values()):  # one entry per layer type
+        if len({repr(sorted(value.items())) for value in rope.values()}) > 1:
+            raise ValueError(
+                f"streaming_llm: {model_type}.rope_parameters differs between layer types ({', '.join(rope)}); "
+                "re-rotating the sink keys assumes one RoPE for every layer"
+            )
+        rope = next(iter(rope.values()))
+    local_base = getattr(config, "rope_local_base_freq", None)
+    if local_base is not None and local_base != rope.get("rope_theta", getattr(config, "rope_theta", None)):
+        raise ValueError(
+            f"streaming_llm: {model_type}.rope_local_base_freq={local_base} gives local layers another RoPE base; "
+            "re-rotating the sink keys assumes one RoPE for every layer"
+        )
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if partial is not None and partial < 1:
+        raise ValueError(
+            f"streaming_llm: {model_type}.partial_rotary_factor={partial}: RoPE covers part of each head, "
+            "and re-rotating the sink keys assumes full-dimension RoPE"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = getattr(config, "rotary_dim", None)
+    if rotary_dim is not None and rotary_dim != head_dim:
+        raise ValueError(
+            f"streaming_llm: {model_type}.rotary_dim={rotary_dim} differs from the head dimension {head_dim}; "
+            "re-rotating the sink keys assumes full-dimension RoPE"
+        )
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SHIFTABLE_ROPE_TYPES:
+        raise ValueError(
+            f"streaming_llm: {model_type}.rope_parameters['rope_type']={rope_type!r}: its rotation is not a fixed "
+            f"function of the position difference, so the sink keys cannot be re-rotated; supported: "
+            f"{', '.join(SHIFTABLE_ROPE_TYPES)}"
+        )
+
+
 def rope_inv_freq(model: PreTrainedModel) -> torch.Tensor:
-    for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor):
-            return inv_freq.detach()
-    raise ValueError(f"streaming_llm needs a model with rotary position embeddings; {type(model).__name__} has none")
+    """The model's one set of RoPE frequencies [head_dim // 2] (checked by `check_rope` first)."""
+    check_rope(model.config)
+    found = [inv_freq.detach() for module in model.modules()
+             if isinstance(inv_freq := getattr(module, "inv_freq", None), torch.Tensor)]
+    if not found:
+        raise ValueError(f"streaming_llm needs a model with rotary position embeddings; {type(model).__name__} has none")
+    if any(f.shape != found[0].shape or not torch.equal(f, found[0]) for f in found[1:]):
+        raise ValueError(f"streaming_llm: {type(model).__name__} has rotary embeddings with different frequencies; "
+                         "re-rotating the sink keys assumes one RoPE for every layer")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if 2 * found[0].numel() != head_dim:
+        raise ValueError(f"streaming_llm: {type(model).__name__}'s RoPE has {found[0].numel()} frequencies for a head "
+                         f"dimension of {head_dim} (partial rotary); re-rotating the sink keys assumes full-dimension RoPE")
+    return found[0]
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -154,15 +222,12 @@ class SinkWindowLayer(DynamicLayer):
 @register
 @dataclass(frozen=True)
 class StreamingLLM(Technique):
-    n_sink: int = 4
-    window: int = 1020
+    n_sink: int = param("int", 4, low=0, high=64, doc="initial tokens kept as attention sinks (paper: 4)")
+    window: int = param("int", 1020, low=1, high=131072, log=True, doc="most recent tokens kept")
 
     name = "streaming_llm"
     phase = "kv-cache"
-    params = {
-        "n_sink": Param("int", 4, low=0, high=64, doc="initial tokens kept as attention sinks (paper: 4)"),
-        "window": Param("int", 1020, low=1, high=131072, log=True, doc="most recent tokens kept"),
-    }
+    examples = {"covers": {}, "compresses": {"n_sink": 4, "window": 32}}
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         inv_freq = rope_inv_freq(model)
