@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from paretoray.actors.distill import distill, frequent_vocabulary, train_draft, truncated_copy
+from paretoray.recipes.draft import distill, frequent_vocabulary, train_draft, truncated_copy
 from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead
 from paretoray.actors.prompts import PROMPT_SETS, make_prompts
 
@@ -43,10 +44,11 @@ def test_distillation_lowers_the_kl(tiny_model):
 
 def test_train_draft_saves_a_loadable_draft_with_its_report(tiny_model, tmp_path):
     target, tokenizer = tiny_model
-    report = train_draft(target, tokenizer, tmp_path / "draft", layers=1, steps=3, prompts_per_set=4, new_tokens=8, batch_size=4)
+    report = train_draft(target, tokenizer, tmp_path / "draft", layers=1, steps=3, prompts=4, passages=2, new_tokens=8, batch_size=4)
     saved = json.loads((tmp_path / "draft" / "draft_report.json").read_text())
-    assert saved["layers"] == 1 and saved["corpus_sequences"] == 12
+    assert saved["layers"] == 1 and saved["corpus_sequences"] == 6
     assert 0.0 <= report.acceptance_rate <= 1.0 and 0.0 <= report.greedy_agreement <= 1.0
+    assert 0.0 <= report.acceptance_rate_unseen <= 1.0
     draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft")
     assert draft.config.num_hidden_layers == 1
 
@@ -61,7 +63,7 @@ def test_frequent_vocabulary_keeps_specials_then_corpus_counts_then_low_ids():
 
 def test_train_draft_with_a_sub_vocabulary_head(tiny_model, tmp_path):
     target, tokenizer = tiny_model
-    report = train_draft(target, tokenizer, tmp_path / "draft", layers=1, steps=3, prompts_per_set=4, new_tokens=8,
+    report = train_draft(target, tokenizer, tmp_path / "draft", layers=1, steps=3, prompts=4, passages=2, new_tokens=8,
                          batch_size=4, head_vocab=100)
     assert report.head_vocab == 100 and 0.0 <= report.head_vocab_coverage <= 1.0
     draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft")
@@ -73,12 +75,19 @@ def test_train_draft_with_a_sub_vocabulary_head(tiny_model, tmp_path):
 
 
 def test_registry_draft_is_built_once_on_first_use(tiny_model_dir, tmp_path, monkeypatch):
-    from paretoray.actors import models
+    from paretoray.actors import artifacts, models
+    from paretoray.recipes import builders
+    from paretoray.recipes.build import RECIPE_FILE
 
+    monkeypatch.setattr(artifacts, "_BUILDERS", {})
     monkeypatch.setenv("PARETORAY_CACHE", str(tmp_path / "cache"))
+    # The actor side never builds by itself: without the recipes' builders it says how to build.
     monkeypatch.setitem(models.DRAFTS, "tiny-draft", models.DistilledDraft(
         target=str(tiny_model_dir), layers=1, steps=2, head_vocab=64, head_steps=5, description="test",
-        prompts_per_set=2, head_prompts_per_set=1))
+        prompts=3, passages=2, head_prompts=1))
+    with pytest.raises(artifacts.ArtifactMissing, match="paretoray train-draft"):
+        models.resolve("tiny-draft")
+    artifacts.install(builders())
     folder = models.resolve("tiny-draft")
     built = sorted(p.name for p in (tmp_path / "cache" / "models" / "tiny-draft").iterdir())
     assert {"acceptance_head.safetensors", DRAFT_VOCAB, "draft_report.json", "model.safetensors"} <= set(built)
@@ -91,11 +100,23 @@ def test_registry_draft_is_built_once_on_first_use(tiny_model_dir, tmp_path, mon
     monkeypatch.setitem(models.DRAFTS, "tiny-draft", dataclasses.replace(models.DRAFTS["tiny-draft"], steps=3))
     assert models.resolve("tiny-draft") == folder
     assert (tmp_path / "cache" / "models" / "tiny-draft" / "model.safetensors").stat().st_mtime_ns != stamp
-    assert json.loads((tmp_path / "cache" / "models" / "tiny-draft" / models.RECIPE_FILE).read_text())["steps"] == 3
+    assert json.loads((tmp_path / "cache" / "models" / "tiny-draft" / RECIPE_FILE).read_text())["steps"] == 3
+
+
+def test_the_broad_corpus_is_seeded_varied_and_keeps_the_unseen_requests_out():
+    from paretoray.recipes import corpus
+
+    assert corpus.chat_prompts(24, seed=3) == corpus.chat_prompts(24, seed=3)
+    assert corpus.passages(9, seed=3) == corpus.passages(9, seed=3) != corpus.passages(9, seed=4)
+    prompts = corpus.chat_prompts(400, seed=0)
+    assert len(set(prompts)) > 300
+    assert any("```python" in p for p in prompts) and any(p in make_prompts("mixed", 400, 0) for p in prompts)
+    assert not set(corpus.UNSEEN_CHAT) & set(prompts) and len(corpus.UNSEEN_CHAT) == 20
+    assert len(corpus.prose()) > 200 and len(corpus.code()) > 1000
 
 
 def test_a_corpus_smaller_than_a_batch_is_one_batch():
-    from paretoray.actors.distill import _batches
+    from paretoray.recipes.draft import _batches
 
     sequences = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
     teacher = [(torch.zeros(len(s), 2), torch.zeros(len(s), 2, dtype=torch.long)) for s in sequences]
@@ -104,7 +125,7 @@ def test_a_corpus_smaller_than_a_batch_is_one_batch():
 
 
 def test_batches_group_similar_lengths_and_cover_the_corpus_once_per_pass():
-    from paretoray.actors.distill import _length_grouped
+    from paretoray.recipes.draft import _length_grouped
 
     generator = torch.Generator().manual_seed(0)
     sequences = [[1] * n for n in torch.randint(10, 200, (64,), generator=generator).tolist()]

@@ -70,13 +70,17 @@ def restricted_draft(tmp_path_factory):
 
 @pytest.mark.parametrize("name,params", [("specdec", {"gamma": 3}), ("specdec_pp", {"threshold": 0.5, "max_gamma": 8})])
 def test_a_draft_restricted_to_a_sub_vocabulary_stays_lossless(tiny_model, restricted_draft, name, params):
-    from paretoray.actors.acceptance import draft_continuation
+    from paretoray.actors.techniques.specdec import FixedLength
+    from paretoray.actors.techniques.speculative import Sampler, propose
 
     target, _ = tiny_model
     draft, kept = restricted_draft
     assert len(DraftHead.of(draft).weight) == 150
-    proposed, _, _ = draft_continuation(draft, prompt(target, 20, 1), 30, set())
-    assert set(proposed) <= kept  # the draft can only propose its head's tokens
+    for temperature in (0.0, 1.0):
+        sampler = Sampler.of(temperature, 0, torch.device("cpu"))
+        proposal = propose(draft, DraftHead.of(draft), FixedLength(30), sampler, prompt(target, 20, 1)[0],
+                           DynamicCache(config=draft.config), room=30)
+        assert set(proposal.tokens.tolist()) <= kept  # the draft can only propose its head's tokens
     for seed in range(2):
         ids = prompt(target, 40, seed)
         expected = target.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 40:].tolist()
@@ -112,22 +116,61 @@ def test_sampling_verifier_reproduces_the_target_distribution(k, restricted):
 
 
 def test_stopping_rule_stops_when_rejection_probability_exceeds_threshold():
+    """The reference's indexing (hf_generation.py): at draft step j the head has scored candidates
+    1..j-1 only; step 1's factor is 1 (the state there is the verified last token)."""
     hidden = torch.zeros(1)
     for threshold in (0.05, 0.2, 0.5):
-        probs = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5]
-        expected = next(k for k in range(1, 7) if 1 - math.prod(probs[:k]) > threshold)
+        probs = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5]  # the head's p_accept of candidates 1, 2, 3 ...
+        expected = next(k for k in range(1, 8) if 1 - math.prod(probs[: k - 1]) > threshold)
         feed = iter(probs)
         policy = ThresholdPolicy(lambda h: next(feed), threshold, min_gamma=1, max_gamma=20)
         policy.begin_round()
-        stopped_at = next(k for k in range(1, 7) if policy.stop(k, hidden))
+        stopped_at = next(k for k in range(1, 8) if policy.stop(k, hidden))
         assert stopped_at == expected
     # The bounds win over the threshold: at least min_gamma, at most max_gamma proposals.
     policy = ThresholdPolicy(lambda h: 0.01, 0.1, min_gamma=3, max_gamma=5)
     policy.begin_round()
     assert [policy.stop(k, hidden) for k in (1, 2, 3)] == [False, False, True]
+    # However confident it is that everything is rejected, the head cannot stop a round at 1
+    # candidate: the first factor is the verified token's.
+    policy = ThresholdPolicy(lambda h: 0.0, 0.01, min_gamma=1, max_gamma=5)
+    policy.begin_round()
+    assert [policy.stop(k, hidden) for k in (1, 2)] == [False, True]
     policy = ThresholdPolicy(lambda h: 1.0, 0.1, min_gamma=1, max_gamma=4)
     policy.begin_round()
     assert [policy.stop(k, hidden) for k in (1, 2, 3, 4)] == [False, False, False, True]
+
+
+class _Recording:
+    """A drafting policy that stops after `gamma` proposals and records the states it was shown."""
+
+    def __init__(self, gamma: int):
+        self.gamma, self.seen = gamma, []
+
+    def begin_round(self) -> None:
+        self.seen.append([])
+
+    def stop(self, proposed: int, draft_hidden: torch.Tensor) -> bool:
+        self.seen[-1].append(draft_hidden.clone())
+        return proposed >= self.gamma
+
+
+def test_the_policy_sees_the_state_after_each_earlier_candidate_was_fed(tiny_model, draft):
+    """What SpecDec++'s head scores: at draft step j, the draft's state after its input
+    [committed..., d_1..d_{j-1}], i.e. after candidate j - 1 (at j = 1, after the last committed token)."""
+    from paretoray.actors.techniques.speculative import Sampler, propose
+
+    target, _ = tiny_model
+    ids = prompt(target, 25, 8)[0]
+    policy = _Recording(gamma=4)
+    proposal = propose(draft, DraftHead.of(draft), policy, Sampler.of(0.0, 0, torch.device("cpu")), ids,
+                       DynamicCache(config=draft.config), room=4)
+    candidates = proposal.tokens.tolist()
+    with torch.no_grad():
+        for j, state in enumerate(policy.seen[0], start=1):
+            fed = torch.cat([ids, torch.tensor(candidates[: j - 1], dtype=torch.long)])
+            expected = draft.base_model(fed[None]).last_hidden_state[0, -1]
+            torch.testing.assert_close(state, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_rollback_leaves_caches_equal_to_a_fresh_prefill(tiny_model, draft):
@@ -163,7 +206,7 @@ def test_lossless_on_smollm2_with_a_short_prompt():
     """The real default model: greedy specdec and specdec_pp reproduce its own greedy output.
 
     The draft is SmolLM2's first two layers, untrained (losslessness must not depend on the draft)."""
-    from paretoray.actors.distill import truncated_copy
+    from paretoray.recipes.draft import truncated_copy
     from paretoray.actors.models import load_model
     from paretoray.actors.prompts import as_chat
     from paretoray.actors.techniques.specdec_pp import _HEADS

@@ -69,6 +69,7 @@ def create_actor(
     attn_implementation: str = "sdpa",
     name: str | None = None,
     draft: str | None = None,
+    builders: dict[str, Any] | None = None,
 ) -> PlacedActor:
     """Start one actor hosting `model` with `placement`'s resources; returns at once (Ray schedules it).
 
@@ -100,5 +101,6 @@ def create_actor(
         attn_implementation=attn_implementation,
         threads=threads,
         draft=draft,
+        builders=builders,
     )
     return PlacedActor(handle, group)

@@ -7,8 +7,13 @@ timer measures only the launch).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -18,6 +23,29 @@ from transformers.cache_utils import Cache
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: torch.device, into: list[float]) -> Iterator[None]:
+    """Append the wall time of the block to `into`, the device synchronized on both sides: the one
+    phase timer of every decoding loop (prefill, a decode step, a speculative round)."""
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    into.append(time.perf_counter() - start)
+
+
+@functools.cache
+def _cache_keyword(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def with_cache(model: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
+    """The keyword a model's forward takes its KV cache by: `cache` from transformers 5.23 on
+    (where `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def cache_nbytes(cache: Cache) -> int:
@@ -65,14 +93,12 @@ def greedy_generate(
     tokens: list[int] = []
     agree = 0
 
-    synchronize(device)
-    start = time.perf_counter()
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    if question_ids is not None:
-        logits = model(input_ids=question_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    next_token = int(logits[0, -1].argmax())
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
+    prefill_s: list[float] = []
+    with timed(device, prefill_s):
+        logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        if question_ids is not None:
+            logits = model(input_ids=question_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        next_token = int(logits[0, -1].argmax())
 
     step_s: list[float] = []
     for step in range(steps):
@@ -82,17 +108,14 @@ def greedy_generate(
         tokens.append(next_token)
         if step == steps - 1 or (forced_tokens is None and next_token in eos):
             break
-        synchronize(device)
-        start = time.perf_counter()
-        step_input = torch.tensor([[next_token]], device=device)
-        logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits
-        next_token = int(logits[0, -1].argmax())  # .item() syncs: the timer below is honest
-        synchronize(device)
-        step_s.append(time.perf_counter() - start)
+        with timed(device, step_s):
+            step_input = torch.tensor([[next_token]], device=device)
+            logits = model(input_ids=step_input, **with_cache(model, cache), use_cache=True).logits
+            next_token = int(logits[0, -1].argmax())
 
     return Generation(
         tokens=tokens,
-        prefill_s=prefill_s,
+        prefill_s=prefill_s[0],
         step_s=step_s,
         kv_bytes=cache_nbytes(cache),
         agreement=(agree / steps) if forced_tokens is not None and steps else None,

@@ -6,34 +6,29 @@ takes ~15-30 s on two cores, so the result is saved once as safetensors under th
 (`$PARETORAY_CACHE`, default `~/.cache/paretoray`) and later loads take well under a second.
 
 Registry drafts have no weights anywhere: `smollm2-135m-draft` is distilled from its target by the
-project's own recipe (`distill.py`, then SpecDec++'s acceptance head, `acceptance.py`) on first use
-and cached the same way. The recipe is seeded, so every machine builds the same draft.
+project's own recipe (`paretoray.recipes.draft`, then SpecDec++'s acceptance head,
+`paretoray.recipes.acceptance_head`) on first use and cached the same way; this module only asks
+for it (`artifacts.provide`). The recipe is seeded, so machines with the same Python build the same draft.
 """
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import json
 import os
-import sys
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from paretoray.actors import artifacts
 from paretoray.paths import cache_root  # noqa: F401 (re-exported)
 from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF  # noqa: F401 (re-exported)
 
 
 class ModelLoadError(RuntimeError):
     """A model reference that does not resolve or does not load; the message names the reference."""
-
-
-RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft it was built by
 
 
 def registry_names() -> list[str]:
@@ -71,46 +66,12 @@ def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
     return target
 
 
-def _distilled_dir(name: str, entry: DistilledDraft) -> Path:
-    """Directory holding the registry draft and its head, trained on first use (minutes on a CPU)."""
-    target = cache_root() / "models" / name
-    recipe = json.dumps(asdict(entry), sort_keys=True)
-
-    def built() -> bool:  # a draft cached by another recipe (an older release) is rebuilt
-        stamp = target / RECIPE_FILE
-        return (target / "acceptance_head.safetensors").exists() and stamp.exists() and stamp.read_text() == recipe
-
-    if built():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Actors on one machine share the cache: one trains, the others wait for its result.
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if built():
-            return target
-        from paretoray.actors.acceptance import train_acceptance_head
-        from paretoray.actors.distill import train_draft
-
-        print(f"building the draft {name!r} once ({entry.description}); it is cached in {target}", file=sys.stderr, flush=True)
-        model, tokenizer = load_model(entry.target, dtype="float32")
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        train_draft(model, tokenizer, staging, layers=entry.layers, steps=entry.steps, prompts_per_set=entry.prompts_per_set,
-                    new_tokens=entry.new_tokens, head_vocab=entry.head_vocab, seed=entry.seed)
-        draft = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(model.device).eval()
-        train_acceptance_head(model, draft, tokenizer, staging, prompts_per_set=entry.head_prompts_per_set,
-                              steps=entry.head_steps, seed=entry.seed)
-        (staging / RECIPE_FILE).write_text(recipe)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    return target
-
-
 def resolve(ref: str) -> str:
     """A registry name becomes its cached directory (built on first use); paths and hub ids pass through."""
     if ref in REGISTRY:
         return str(_dequantized_dir(ref, REGISTRY[ref]))
-    if ref in DRAFTS:
-        return str(_distilled_dir(ref, DRAFTS[ref]))
+    if ref in DRAFTS:  # built on first use by its recipe (paretoray.recipes), installed by the controller
+        return str(artifacts.provide("registry_draft", name=ref))
     if looks_like_path(ref) and not Path(ref).is_dir():
         raise ModelLoadError(f"model {ref!r}: no such directory (registry names: {', '.join(registry_names())})")
     return ref

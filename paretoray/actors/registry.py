@@ -39,9 +39,12 @@ class DistilledDraft:
     head_vocab: int  # the draft's output layer predicts over this many frequent tokens
     head_steps: int
     description: str
-    prompts_per_set: int = 48
+    prompts: int = 160  # chat requests of the broad corpus the target answers (recipes/corpus.py)
+    passages: int = 160  # stretches of prose and code the target scores as they are
     new_tokens: int = 64  # tokens the target samples per corpus prompt
-    head_prompts_per_set: int = 24
+    head_prompts: int = 96  # prompts whose target continuations train the acceptance head
+    head_temperature: float = 0.0  # the temperature the head is trained for (sweeps decode greedily)
+    corpus: str = "python-docs-and-stdlib-v1"  # names the corpus recipe: a new one rebuilds cached drafts
     seed: int = 0
 
 
@@ -49,9 +52,10 @@ DRAFTS: dict[str, DistilledDraft] = {
     "smollm2-135m-draft": DistilledDraft(
         target="smollm2-135m",
         layers=4,
-        steps=200,
+        steps=300,
         head_vocab=8192,
         head_steps=500,
-        description="SmolLM2-135M's first 4 of 30 layers distilled from it (8K-token output layer), with a SpecDec++ head",
+        description="SmolLM2-135M's first 4 of 30 layers distilled from it on text shipped with Python and its own "
+        "answers to varied requests (8K-token output layer), with a SpecDec++ head",
     ),
 }

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from paretoray.actors import artifacts
 from paretoray.actors.generation import Generation
 from paretoray.actors.measure import PeakMemory, environment
 from paretoray.actors.metrics import aggregate
@@ -44,7 +45,9 @@ class TrialRunner:
         attn_implementation: str = "sdpa",
         threads: int | None = None,
         draft: str | None = None,
+        builders: dict[str, Any] | None = None,
     ):
+        artifacts.install(builders)  # how this process builds a registry draft or a MoA plan on first use
         if threads:
             torch.set_num_threads(threads)
         self.model_ref = model
@@ -113,6 +116,7 @@ class TrialRunner:
             return {"query_placement": workload.query_placement, "metrics": technique.measure_without_model(), "samples": []}
         task = workload.task_object
         samples = self._workload_samples(workload)
+        technique.prepare(self.model, sorted({len(s.prompt_ids) for s in samples}))
         self._warm_up(samples, technique)
         # Order alternates within each length, so that no length always runs dense first.
         seen: dict[int, int] = {}

@@ -201,8 +201,11 @@ def prepare_models(spec: SweepSpec) -> None:
 
     Only for a local cluster: on a remote one each node builds its own cache on first use.
     """
+    from paretoray.actors import artifacts
     from paretoray.actors.models import ModelLoadError, resolve
+    from paretoray.recipes import builders
 
+    artifacts.install(builders())
     for ref in (spec.model.id, spec.model.draft):
         if ref:
             try:

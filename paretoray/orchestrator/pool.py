@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from paretoray.actors.actor import Placement, PlacedActor, create_actor
+from paretoray.recipes import builders
 from paretoray.orchestrator.spec import SweepSpec
 
 
@@ -62,7 +63,8 @@ class ActorPool:
     def _launch(self) -> None:
         model = self.spec.model
         placed = create_actor(
-            model.id, self.placement, dtype=model.dtype, attn_implementation=model.attn_implementation, draft=model.draft
+            model.id, self.placement, dtype=model.dtype, attn_implementation=model.attn_implementation, draft=model.draft,
+            builders=builders(),
         )
         self.starting[placed.handle.describe.remote()] = (placed, time.monotonic())
 

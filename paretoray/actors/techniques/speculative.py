@@ -24,7 +24,6 @@ target's residual max(0, p - q) keeps all of its mass.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from paretoray.actors.generation import Generation, cache_nbytes, synchronize
+from paretoray.actors.generation import Generation, cache_nbytes, timed, with_cache
 from paretoray.actors.techniques.base import Param, Technique
 
 
@@ -90,7 +89,8 @@ class DraftPolicy:
         """A new round starts: forget the previous round's proposals."""
 
     def stop(self, proposed: int, draft_hidden: torch.Tensor) -> bool:
-        """After `proposed` proposals this round (the last one's draft hidden state given)."""
+        """After `proposed` proposals this round. `draft_hidden` [H] is the draft's state after its
+        latest input: the last committed token when proposed == 1, else proposal `proposed - 1`."""
         raise NotImplementedError
 
 
@@ -140,8 +140,9 @@ _DRAFT_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per
 def draft_hidden(draft: PreTrainedModel, tokens: torch.Tensor, cache: DynamicCache | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The draft's final (normed) hidden states [B, T, H]: its base model only, no output layer."""
-    return draft.base_model(input_ids=tokens, past_key_values=cache, use_cache=cache is not None,
-                            attention_mask=attention_mask).last_hidden_state
+    base = draft.base_model
+    return base(input_ids=tokens, **with_cache(base, cache), use_cache=cache is not None,
+                attention_mask=attention_mask).last_hidden_state
 
 
 @dataclass
@@ -151,6 +152,11 @@ class SpeculativeStats:
     target_calls: int = 0  # verification forwards (the prefill not counted)
     draft_calls: int = 0  # draft forwards (the prefill not counted)
 
+    def add_round(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.target_calls += 1
+        self.draft_calls += drafted
 
 
 @dataclass(frozen=True)
@@ -158,11 +164,12 @@ class Speculative(Technique):
     """Base of draft-and-verify techniques (not registered itself)."""
 
     phase = "decode"
-    params = {}
     needs_draft = True
     lossless = True  # the verifier keeps exactly the target's own tokens
+    rollback = True  # its caches are DynamicCaches, cropped back to the accepted prefix every round
+    kv_within_dense = False  # kv_bytes counts the draft's cache as well as the target's
 
-    def policy(self, draft: PreTrainedModel) -> DraftPolicy:
+    def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
         raise NotImplementedError
 
@@ -185,9 +192,92 @@ class Speculative(Technique):
         return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed)
 
 
-def _forward(model: PreTrainedModel, tokens: list[int], cache: DynamicCache, device: torch.device, last_only: bool = False):
-    ids = torch.tensor([tokens], device=device)
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
+@dataclass
+class Sampler:
+    """Picks tokens at one temperature: 0 is greedy (argmax, kept on the device), else seeded sampling."""
+
+    temperature: float
+    generator: torch.Generator | None  # None: greedy
+
+    @classmethod
+    def of(cls, temperature: float, seed: int, device: torch.device) -> Sampler:
+        return cls(temperature, torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None)
+
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    def first(self, logits: torch.Tensor) -> int:
+        """The token after the prompt, from the target's last logits [V]."""
+        if self.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(distribution(logits[None], self.temperature)[0], 1, generator=self.generator))
+
+    def draft(self, head: DraftHead, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft proposal from its head's logits [K]: (token id as a device scalar, q over [V] or None)."""
+        if self.greedy:  # the argmax is all greedy verification needs: no host sync per draft step
+            return head.token(logits.argmax()), None
+        q = head.full(distribution(logits[None], self.temperature)[0])
+        return torch.multinomial(q, 1, generator=self.generator)[0], q
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [k] draft tokens d_1..d_k (device)
+    q: torch.Tensor | None  # [k, V] the draft's distributions (sampling only)
+
+
+def _target_logits(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, last_only: bool = False) -> torch.Tensor:
+    """ids [T] -> logits [T or 1, V], appending to `cache`."""
+    return model(input_ids=ids[None], **with_cache(model, cache), use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
+
+
+def prefill(target: PreTrainedModel, draft: PreTrainedModel, prompt: torch.Tensor, target_cache: DynamicCache,
+            draft_cache: DynamicCache, sampler: Sampler) -> int:
+    """Both models read the prompt [T]; the target picks the first new token."""
+    logits = _target_logits(target, prompt, target_cache, last_only=True)
+    draft_hidden(draft, prompt[None], draft_cache)
+    return sampler.first(logits[-1])
+
+
+def propose(draft: PreTrainedModel, head: DraftHead, policy: DraftPolicy, sampler: Sampler, pending: torch.Tensor,
+            cache: DynamicCache, room: int) -> Proposal:
+    """Phase 1: the draft reads the committed tokens it has not seen (`pending` [P]), then proposes
+    one token per forward until the policy stops the round (or `room` tokens are proposed).
+
+    `policy.stop` sees the state after the draft's latest input: at the first proposal that is
+    the last committed token, then each earlier proposal in turn (what SpecDec++'s head scores)."""
+    policy.begin_round()
+    tokens, dists = [], []
+    while True:
+        hidden = draft_hidden(draft, pending[None], cache)[0, -1]  # [H]
+        token, q = sampler.draft(head, head.logits(hidden))
+        tokens.append(token)
+        if q is not None:
+            dists.append(q)
+        if len(tokens) >= room or policy.stop(len(tokens), hidden):
+            break
+        pending = token.view(1)
+    return Proposal(torch.stack(tokens), torch.stack(dists) if dists else None)
+
+
+def verify_proposal(target: PreTrainedModel, cache: DynamicCache, last: torch.Tensor, proposal: Proposal,
+                    sampler: Sampler) -> list[int]:
+    """Phases 2 and 3: the target reads [last committed token, d_1..d_k] in one forward (k + 1
+    distributions) and keeps the accepted prefix plus the token that follows it."""
+    logits = _target_logits(target, torch.cat([last, proposal.tokens]), cache)  # [k + 1, V]
+    if sampler.greedy:  # greedy compares argmaxes, so the raw logits serve
+        return verify_greedy(logits, proposal.tokens)
+    drafted = proposal.tokens.tolist()
+    accepted, following = verify(distribution(logits, sampler.temperature), proposal.q, drafted, sampler.generator)
+    return drafted[:accepted] + [following]
+
+
+def roll_back(cache: DynamicCache, length: int) -> None:
+    """Phase 4: drop whatever `cache` holds beyond the first `length` tokens (no re-prefill)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
 
 
 def speculative_generate(
@@ -202,93 +292,42 @@ def speculative_generate(
     draft_cache: DynamicCache | None = None,
 ) -> Generation:
     device = input_ids.device
-    temperature = float(getattr(technique, "temperature", 0.0))
-    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    stats = SpeculativeStats()
+    sampler = Sampler.of(float(getattr(technique, "temperature", 0.0)), seed, device)
     target_cache = target_cache if target_cache is not None else DynamicCache(config=target.config)
     draft_cache = draft_cache if draft_cache is not None else DynamicCache(config=draft.config)
-    policy = technique.policy(draft)
-    head = DraftHead.of(draft)
-    prompt = input_ids[0].tolist()
+    policy, head, stats = technique.policy(draft, target), DraftHead.of(draft), SpeculativeStats()
+    sequence = input_ids[0].tolist()  # prompt + committed tokens (host)
+    prompt_len = len(sequence)
 
-    synchronize(device)
-    started = time.perf_counter()
-    target_logits = _forward(target, prompt, target_cache, device, last_only=True)
-    draft_hidden(draft, input_ids, draft_cache)
-    first = distribution(target_logits[-1:], temperature)[0]
-    committed = [int(first.argmax()) if generator is None else int(torch.multinomial(first, 1, generator=generator))]
-    synchronize(device)
-    prefill_s = time.perf_counter() - started
+    prefill_s: list[float] = []
+    with timed(device, prefill_s):
+        sequence.append(prefill(target, draft, input_ids[0], target_cache, draft_cache, sampler))
 
-    step_s: list[float] = []
-    draft_seen = len(prompt)  # tokens the draft's cache holds
-    while len(committed) < max_new_tokens and committed[-1] not in eos_token_ids:
-        synchronize(device)
-        round_start = time.perf_counter()
-        sequence = prompt + committed
-        # 1. draft: catch up on committed tokens it has not seen, then propose.
-        pending = torch.tensor([sequence[draft_seen:]], device=device)
-        # Made now, while the device is idle after the last round's read: a host-to-device copy
-        # of a pageable tensor waits for the stream, so made after the draft steps it would stall.
-        last_token = torch.tensor([sequence[-1]], device=device)
-        # Greedy proposals stay on the device (no sync per draft step); sampled ones need host ids.
-        draft_tokens: list = []
-        draft_dists: list[torch.Tensor] = []
-        policy.begin_round()
-        while True:
-            hidden = draft_hidden(draft, pending, draft_cache)[0, -1]
-            logits = head.logits(hidden)
-            stats.draft_calls += 1
-            if generator is None:  # greedy: the argmax is all verification needs
-                token = head.token(logits.argmax())
-                pending = token.view(1, 1)
-            else:
-                q = head.full(distribution(logits[None], temperature)[0])
-                token = int(torch.multinomial(q, 1, generator=generator))
-                draft_dists.append(q)
-                pending = torch.tensor([[token]], device=device)
-            draft_tokens.append(token)
-            room = max_new_tokens - len(committed)
-            if len(draft_tokens) >= room or policy.stop(len(draft_tokens), hidden):
-                break
-        k = len(draft_tokens)
-        draft_seen = len(sequence) + k - 1  # the last proposal was never fed
-        # 2. target: one forward over the last committed token and every proposal.
-        if generator is None:
-            proposals = torch.stack(draft_tokens)
-            verified = torch.cat([last_token, proposals])
-        else:
-            verified = torch.tensor([sequence[-1], *draft_tokens], device=device)
-        logits = target(input_ids=verified[None], past_key_values=target_cache, use_cache=True).logits[0]
-        stats.target_calls += 1
-        # 3. verify (greedy compares argmaxes, so the raw logits serve).
-        if generator is None:
-            new = verify_greedy(logits, proposals)
-        else:
-            accepted, following = verify(distribution(logits, temperature), torch.stack(draft_dists), draft_tokens, generator)
-            new = draft_tokens[:accepted] + [following]
-        accepted = len(new) - 1
-        stats.drafted += k
-        stats.accepted += accepted
-        # 4. roll both caches back to the accepted prefix.
-        if accepted < k:
-            target_cache.crop(-(k - accepted))
-        kept_in_draft = len(sequence) + accepted
-        if draft_seen > kept_in_draft:
-            draft_cache.crop(-(draft_seen - kept_in_draft))
-            draft_seen = kept_in_draft
-        committed.extend(new)
-        synchronize(device)
-        elapsed = time.perf_counter() - round_start
-        step_s.extend([elapsed / len(new)] * len(new))  # a round's time, shared by the tokens it produced
+    rounds: list[tuple[float, int]] = []  # (seconds, tokens committed) per round
+    while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
+        took: list[float] = []
+        with timed(device, took):
+            # Made before the draft runs: a host-to-device copy of a pageable tensor waits for the
+            # stream, so made after the draft steps it would stall the round.
+            pending = torch.tensor(sequence[draft_cache.get_seq_length():], device=device)
+            last = pending[-1:]
+            proposal = propose(draft, head, policy, sampler, pending, draft_cache, max_new_tokens - (len(sequence) - prompt_len))
+            new = verify_proposal(target, target_cache, last, proposal, sampler)
+            committed = len(sequence) + len(new) - 1  # tokens both caches may keep: all but the newest
+            roll_back(target_cache, committed)
+            roll_back(draft_cache, committed)
+            sequence.extend(new)
+        stats.add_round(drafted=len(proposal.tokens), accepted=len(new) - 1)
+        rounds.append((took[0], len(new)))
 
-    committed = committed[:max_new_tokens]
-    if any(t in eos_token_ids for t in committed):
-        committed = committed[: next(i for i, t in enumerate(committed) if t in eos_token_ids) + 1]
+    tokens = sequence[prompt_len:][:max_new_tokens]
+    if any(t in eos_token_ids for t in tokens):
+        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
+    step_s = [seconds / n for seconds, n in rounds for _ in range(n)]  # a round's time, shared by its tokens
     return Generation(
-        tokens=committed,
-        prefill_s=prefill_s,
-        step_s=step_s[: max(len(committed) - 1, 0)],
+        tokens=tokens,
+        prefill_s=prefill_s[0],
+        step_s=step_s[: max(len(tokens) - 1, 0)],
         kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
         stats=asdict(stats),
     )

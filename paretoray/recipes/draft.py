@@ -2,9 +2,12 @@
 
 The draft copies the target's embeddings, its first `layers` decoder layers, its final norm and
 its output head, so it starts as a truncated target and shares the tokenizer. It is then
-distilled on the target's own sampled continuations of prompts the project makes offline
-(`prompts.py`), minimising KL(target || draft) over every position of each sequence, restricted
-to the target's top-64 tokens, which are scored once for the whole corpus.
+distilled on a broad offline corpus (`corpus.py`: text that ships with Python): passages of prose
+and code as they are, and the target's own sampled answers to chat requests of many styles,
+minimising KL(target || draft) over every position of each sequence, restricted to the target's
+top-64 tokens, which are scored once for the whole corpus. Its report gives the acceptance rate
+on the shipped prompt templates and on everyday requests the recipe never trains on
+(`corpus.UNSEEN_CHAT`).
 
 The draft's output layer may be restricted to the `head_vocab` most frequent tokens (FR-Spec,
 Zhao et al. 2025): for a 4-layer draft of a 49K-vocabulary model the full output layer costs more
@@ -29,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from paretoray.actors.prompts import PROMPT_SETS, as_chat, make_prompts
 from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead, draft_hidden
+from paretoray.recipes import corpus
 
 
 @dataclass
@@ -41,7 +45,8 @@ class DraftReport:
     head_vocab_coverage: float  # held-out: fraction of the target's next tokens that are among them
     final_kl: float
     greedy_agreement: float  # held-out: fraction of positions where draft and target argmax agree
-    acceptance_rate: float  # greedy specdec (gamma 4) on fresh prompts: accepted / drafted
+    acceptance_rate: float  # greedy specdec (gamma 4) on fresh prompts of the shipped templates: accepted / drafted
+    acceptance_rate_unseen: float  # the same on corpus.UNSEEN_CHAT: request styles the recipe never trains on
     train_s: float
 
 
@@ -235,12 +240,18 @@ def measured_acceptance(target: PreTrainedModel, draft: PreTrainedModel, tokeniz
 
 
 def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, layers: int = 4,
-                steps: int = 300, prompts_per_set: int = 48, new_tokens: int = 96, batch_size: int = 8,
+                steps: int = 300, prompts: int = 192, passages: int = 192, new_tokens: int = 64, batch_size: int = 8,
                 head_vocab: int = 8192, seed: int = 0) -> DraftReport:
-    """Build, distil and save a draft in `out`; `head_vocab` 0 keeps the full output layer."""
+    """Build, distil and save a draft in `out`; `head_vocab` 0 keeps the full output layer.
+
+    Corpus: the target's sampled answers to `prompts` chat requests plus `passages` stretches of
+    prose and code, each cut to the corpus length (`new_tokens` + 64 tokens)."""
     started = time.perf_counter()
-    prompts = [p for kind in PROMPT_SETS for p in make_prompts(kind, prompts_per_set, seed)]
-    sequences = sample_corpus(target, tokenizer, prompts, new_tokens, batch_size, seed)
+    sequences = sample_corpus(target, tokenizer, corpus.chat_prompts(prompts, seed), new_tokens, batch_size, seed)
+    longest = new_tokens + 64
+    sequences += [tokenizer(text).input_ids[:longest] for text in corpus.passages(passages, seed)]
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed)).tolist()
+    sequences = [sequences[i] for i in order]
     held_out, train = sequences[: len(sequences) // 10], sequences[len(sequences) // 10 :]
     vocab_size = target.get_output_embeddings().weight.shape[0]
     vocab = None
@@ -258,13 +269,14 @@ def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
         save_file({"token_ids": vocab.cpu().contiguous()}, str(out / DRAFT_VOCAB))
     # Measured as actors will load it: from its folder, so its head vocabulary applies.
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(target.device).eval()
+    templates = [p for k in PROMPT_SETS for p in make_prompts(k, 2, seed + 1)]
     report = DraftReport(
         layers=layers, target_layers=target.config.num_hidden_layers, steps=steps, corpus_sequences=len(sequences),
         head_vocab=len(vocab) if vocab is not None else vocab_size, head_vocab_coverage=coverage, final_kl=kl,
         greedy_agreement=agreement,
-        acceptance_rate=measured_acceptance(target, saved, tokenizer, [p for k in PROMPT_SETS for p in make_prompts(k, 2, seed + 1)], new_tokens // 2),
+        acceptance_rate=measured_acceptance(target, saved, tokenizer, templates, new_tokens // 2),
+        acceptance_rate_unseen=measured_acceptance(target, saved, tokenizer, list(corpus.UNSEEN_CHAT), new_tokens // 2),
         train_s=time.perf_counter() - started,
     )
     (out / "draft_report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
-
