@@ -40,6 +40,53 @@ def test_techniques_parse_from_the_command_line_form():
         parse_technique("streaming_llm:windw=3")
 
 
+def test_register_derives_params_from_param_fields():
+    from dataclasses import dataclass
+
+    from paretoray.actors.techniques.base import Param, Technique, param, register
+
+    @dataclass(frozen=True)
+    class Undeclared(Technique):
+        knob: float = 0.5
+        name = "undeclared_test"
+
+    with pytest.raises(TypeError, match="knob: declare hyperparameters with param"):
+        register(Undeclared)
+
+    @dataclass(frozen=True)
+    class Twice(Technique):
+        knob: float = param("float", 0.5, low=0.0, high=1.0)
+        name = "twice_test"
+        params = {"knob": Param("float", 0.4, low=0.0, high=1.0)}  # a second, drifted default
+
+    with pytest.raises(TypeError, match="derived from its param"):
+        register(Twice)
+
+    @dataclass(frozen=True)
+    class BadExample(Technique):
+        knob: float = param("float", 0.5, low=0.0, high=1.0)
+        name = "bad_example_test"
+        examples = {"covers": {"knob": 2.0}}
+
+    with pytest.raises(ValueError, match="knob: expected <= 1.0"):
+        register(BadExample)
+    assert {"undeclared_test", "twice_test", "bad_example_test"}.isdisjoint(available_techniques())
+    assert list(available_techniques()["pyramidkv"].params)[-1] == "beta"  # inherited fields first, in order
+
+
+def test_numbers_take_their_declared_kind():
+    snap = build_technique("snapkv", {"max_capacity_prompt": 512, "window_size": 16.0})
+    assert isinstance(snap.max_capacity_prompt, float) and isinstance(snap.window_size, int)
+    with pytest.raises(ValueError, match="window_size: expected an integer"):
+        build_technique("snapkv", {"window_size": 16.5})  # refused, not truncated
+
+
+def test_a_label_parses_back_to_its_technique():
+    snap = build_technique("snapkv", {"max_capacity_prompt": 0.25, "pooling": "maxpool"})
+    assert snap.label.startswith("snapkv(window_size=32,") and ",pooling=maxpool," in snap.label
+    assert parse_technique(snap.label) == snap and parse_technique("dense") == parse_technique("dense()")
+
+
 def test_dense_equals_plain_generate(tiny_model):
     model, _ = tiny_model
     ids = prompt(model, 50)

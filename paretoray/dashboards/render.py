@@ -269,7 +269,7 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
     timed = [o for o in report.objectives if o in ("latency_ms_per_token", "ttft_ms", "tokens_per_s")]
     if report.overlay and timed:
         header.append(f'<p class="meta">Across sweeps, {esc(", ".join(timed))} compare only if every sweep ran on an equally quiet '
-                      "machine; <code>speedup</code> (against dense measured in the same actor) travels better.</p>")
+                      f"machine; <code>speedup</code> (against {esc(reference_name())} measured in the same actor) travels better.</p>")
     if report.forced_differences:
         header.append('<div class="warning"><b>Overlaid with --force although these differ</b> (numbers may not be comparable):<ul>'
                       + "".join(f"<li>{esc(d)}</li>" for d in report.forced_differences) + "</ul></div>")
@@ -294,7 +294,7 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
                       if len(report.objectives) > 2 else ""))
         page.parts.append(
             f'<section><h2>Pareto front{"s" if len(panels) > 1 else ""}</h2><p class="hint">Each point is a trial, coloured by technique'
-            f'{", shaped by sweep" if report.overlay else "; dense is the star"}; {esc(outline)}; faded points are dominated, open ones '
+            f'{", shaped by sweep" if report.overlay else f"; {esc(reference_name())} is the star"}; {esc(outline)}; faded points are dominated, open ones '
             "infeasible. Hover for parameters and metrics, click a point to open its MLflow run, drag to zoom, double-click to reset.</p>"
             f'<div class="grid{" single" if len(panels) == 1 else ""}">{"".join(panels)}</div></section>'
         )
@@ -331,7 +331,7 @@ def render_report(report: ReportData, mlflow_url: str | None = None, command: st
             note = "".join(f'<p class="hint">{esc(n)}</p>' for n in notes)
             page.parts.append(
                 '<section><h2>Long context: where the front loses the needle</h2><p class="hint">Accuracy against context length '
-                "for each member of the front (dense dashed), then the familiar needle-in-a-haystack map per member: needle depth "
+                f"for each member of the front ({esc(reference_name())} dashed), then the familiar needle-in-a-haystack map per member: needle depth "
                 "down, context length across, colour = share of samples answered exactly.</p>"
                 + page.figure(context, "context", wide=True)
                 + (page.figure(heatmaps, "niah", wide=True) if heatmaps is not None else "") + note + "</section>"

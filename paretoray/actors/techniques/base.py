@@ -1,9 +1,13 @@
 """The narrow base every technique builds on: declared parameters, a registry, and generation.
 
-A technique is a frozen dataclass whose fields are its hyperparameters. It declares each field's
-allowed range as a `Param` (used both to validate a configured instance and to validate a sweep's
-search space), registers itself by name, and either supplies a KV cache (`new_cache`) to the shared
-greedy loop or overrides `generate` entirely (speculative decoding does).
+A technique is a frozen dataclass whose fields are its hyperparameters. Each field is declared
+with `param(kind, default, low=..., high=...)`, which writes its default once and records its
+allowed range as a `Param`; `register` collects them into `cls.params` (used both to validate a
+configured instance and to validate a sweep's search space). A technique registers itself by name,
+declares its capabilities as class flags (`lossless`, `is_reference`, `rollback`, ...) and example
+configurations (`examples`, run by tests/test_technique_contract.py), and either supplies a KV
+cache (`new_cache`) to the shared greedy loop or overrides `generate` entirely (speculative
+decoding does).
 """
 
 from __future__ import annotations
@@ -58,6 +62,41 @@ class Param:
         scale = ", log" if self.log else ""
         return f"{self.kind} in [{self.low}, {self.high}]{scale}"
 
+    def field(self) -> Any:
+        """This parameter as a dataclass field: its default, and itself in the field's metadata (where
+        `register` finds it). Shared parameters are module-level `Param`s declared with `.field()`."""
+        return dataclasses.field(default=self.default, metadata={"param": self})
+
+
+def param(
+    kind: ParamKind,
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    log: bool = False,
+    doc: str = "",
+) -> Any:
+    """Declare a technique's hyperparameter field: `threshold: float = param("float", 0.3, low=0, high=1)`.
+
+    The default is written here once; `register` derives the class's `params` from these fields.
+    """
+    return Param(kind, default, low, high, choices, log, doc).field()
+
+
+def _declared_params(cls: type) -> dict[str, Param]:
+    """The `Param` of every field, in field order; a field declared without `param()` is an error."""
+    declared = {}
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("param")
+        if not isinstance(spec, Param):
+            raise TypeError(f"{cls.__qualname__}.{f.name}: declare hyperparameters with param(kind, default, ...)")
+        if f.default is not spec.default and f.default != spec.default:
+            raise TypeError(f"{cls.__qualname__}.{f.name}: default {f.default!r} differs from its Param's {spec.default!r}")
+        declared[f.name] = spec
+    return declared
+
 
 _REGISTRY: dict[str, type[Technique]] = {}
 
@@ -68,9 +107,15 @@ def register(cls: type[Technique]) -> type[Technique]:
         raise TypeError(f"{cls.__qualname__} needs a class attribute `name`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"technique name {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
-    field_names = {f.name for f in dataclasses.fields(cls)}
-    if set(cls.params) != field_names:
-        raise TypeError(f"{cls.__qualname__}: declared params {sorted(cls.params)} must equal its fields {sorted(field_names)}")
+    declared = _declared_params(cls)
+    if "params" in vars(cls) and vars(cls)["params"] != declared:  # written by hand, as before param()
+        raise TypeError(f"{cls.__qualname__}: `params` is derived from its param() fields; remove it")
+    cls.params = declared
+    for example, values in cls.examples.items():
+        unknown = set(values) - set(declared)
+        if unknown:
+            raise TypeError(f"{cls.__qualname__}: example {example!r} sets undeclared parameter(s) {sorted(unknown)}")
+        cls(**values)  # validated now: a broken example fails at import, not in the contract test
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -111,13 +156,25 @@ def build_technique(name: str, params: dict[str, Any]) -> Technique:
         raise ValueError(f"{name}: unknown parameter(s) {sorted(unknown)}; declared: {sorted(cls.params)}")
     values = {key: params.get(key, spec.default) for key, spec in cls.params.items()}
     for key, spec in cls.params.items():
-        if spec.kind == "int":
-            values[key] = int(values[key])
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # validated (and refused) by the technique itself
+        if spec.kind == "int" and float(value).is_integer():
+            values[key] = int(value)
+        elif spec.kind == "float":
+            values[key] = float(value)
     return cls(**values)
 
 
 def parse_technique(text: str) -> Technique:
-    """`name` or `name:param=value,param=value` (numbers parsed, anything else a string)."""
+    """`name`, `name:param=value,param=value`, or a `label` (`name(param=value,...)`), numbers
+    parsed and anything else a string. A label round-trips: `parse_technique(t.label) == t` for
+    parameters a label writes exactly (floats with at most 4 significant digits), and
+    `parse_technique(t.label).label == t.label` always."""
+    text = text.strip()
+    if text.endswith(")") and "(" in text:
+        name, _, args = text[:-1].partition("(")
+        text = f"{name}:{args}"
 
     def value(raw: str) -> Any:
         for kind in (int, float):
@@ -134,15 +191,32 @@ def parse_technique(text: str) -> Technique:
 
 @dataclass(frozen=True)
 class Technique:
-    """Base class. Subclasses are frozen dataclasses declaring `name` and `params`."""
+    """Base class. Subclasses are frozen dataclasses declaring `name` and their fields with `param()`.
+
+    Capabilities are declared flags, read by the runner, the spec checks, the dashboards and the
+    contract test (tests/test_technique_contract.py), never inferred from a technique's name.
+    """
 
     name: ClassVar[str]
-    params: ClassVar[dict[str, Param]]
+    params: ClassVar[dict[str, Param]] = {}  # derived by `register` from the param() fields
     phase: ClassVar[str] = "decode"  # what the technique changes: "none", "kv-cache", "decode" ...
-    needs_draft: ClassVar[bool] = False  # generate() takes `draft=` (a second, smaller model)
-    lossless: ClassVar[bool] = False  # greedy output equals dense's by construction (no fidelity to measure)
+    needs_draft: ClassVar[bool] = False  # generate() takes `draft=` (a second, smaller model); nothing more
+    lossless: ClassVar[bool] = False  # greedy output equals dense's by construction, whatever the parameters
     is_reference: ClassVar[bool] = False  # the baseline every trial is timed and scored against (dense)
     uses_model: ClassVar[bool] = True  # False: `measure_without_model` replaces samples, dense reference and generation
+    # The cache it decodes with (`applied`) supports rollback: `cache.crop(-n)` leaves exactly the state
+    # of never having fed the last n tokens (what speculative decoding's verification needs). A cache
+    # that cannot (it evicted or compressed) must raise on crop, never misbehave silently.
+    rollback: ClassVar[bool] = False
+    # Generation.kv_bytes is never above dense's for the same prompt and budget once it compresses.
+    # False: it also counts a second model's cache (speculative decoding's draft), bounded instead
+    # by dense's bytes for each model it holds a cache of.
+    kv_within_dense: ClassVar[bool] = True
+    # Example configurations, exercised by the contract test on a 160-token prompt and 8 new tokens:
+    # "covers" keeps every token of that prompt and its generation (so greedy output equals dense's),
+    # "compresses" (where meaningful) keeps clearly fewer KV bytes than dense. Values are written
+    # with at most 4 significant digits, so that `label` round-trips them exactly.
+    examples: ClassVar[dict[str, dict[str, Any]]] = {"covers": {}}
 
     def __post_init__(self) -> None:
         problems = [f"{key}: {why}" for key, spec in self.params.items() if (why := spec.check(getattr(self, key)))]
@@ -161,6 +235,10 @@ class Technique:
     def measure_without_model(self) -> dict[str, float]:
         """The metrics of a technique that does no model work (`uses_model = False`)."""
         raise NotImplementedError(f"{self.name} uses the model; the runner measures it by generating")
+
+    def prepare(self, model: PreTrainedModel, served_lengths: list[int]) -> None:
+        """Called once per trial before any generation, with the prompt lengths (tokens) the trial
+        will serve: a technique whose configuration depends on them (MoA's plan) fetches it here."""
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         """The KV cache this technique decodes with; the default is the full (dense) cache."""

@@ -10,8 +10,9 @@ from paretoray.actors.techniques.base import Technique, register
 @register
 @dataclass(frozen=True)
 class Dense(Technique):
+    # No hyperparameters: the reference every other technique is compared with.
     name = "dense"
-    params = {}  # no hyperparameters: the reference every other technique is compared with
     phase = "none"
     lossless = True
     is_reference = True
+    rollback = True  # transformers' DynamicCache crops exactly

@@ -207,7 +207,6 @@ class ElasticSpans(Technique):
     """Base of per-head sink + span techniques: subclasses say each layer's spans for a prompt length."""
 
     phase = "sparse-attention"
-    params = {}
 
     def sinks(self) -> int:
         raise NotImplementedError

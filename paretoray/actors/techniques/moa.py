@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.elastic_attention import ElasticSpans
 
 _PLANS: dict[tuple[str, float], object] = {}
@@ -64,13 +64,11 @@ def plan_for(model: PreTrainedModel, density: float):
 @register
 @dataclass(frozen=True)
 class MoA(ElasticSpans):
-    density: float = 0.5
+    density: float = param("float", 0.5, low=0.05, high=1.0,
+                           doc="mean share of the KV cache kept over all heads at every profiled length (the plan's budget; reference: 0.5)")
 
     name = "moa"
-    params = {
-        "density": Param("float", 0.5, low=0.05, high=1.0,
-                         doc="mean share of the KV cache kept over all heads at every profiled length (the plan's budget; reference: 0.5)"),
-    }
+    examples = {"covers": {"density": 1.0}, "compresses": {"density": 0.8}}  # 64-token blocks: 0.8 is the least at 160 tokens
 
     def sinks(self) -> int:
         from paretoray.actors.moa import BLOCK

@@ -10,22 +10,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from paretoray.actors.techniques.base import Param, Technique, register
+from paretoray.actors.techniques.base import Technique, param, register
 
 
 @register
 @dataclass(frozen=True)
 class Noop(Technique):
-    sleep_s: float = 0.0
-    knob: float = 0.5
+    sleep_s: float = param("float", 0.0, low=0.0, high=3600.0, doc="seconds the trial holds its actor")
+    knob: float = param("float", 0.5, low=0.0, high=1.0, doc="position on the synthetic accuracy/latency curve")
 
     name = "noop"
     phase = "none"
     uses_model = False
-    params = {
-        "sleep_s": Param("float", 0.0, low=0.0, high=3600.0, doc="seconds the trial holds its actor"),
-        "knob": Param("float", 0.5, low=0.0, high=1.0, doc="position on the synthetic accuracy/latency curve"),
-    }
+    examples = {"default": {}, "high": {"knob": 0.9}}
 
     def measure_without_model(self) -> dict[str, float]:
         time.sleep(self.sleep_s)

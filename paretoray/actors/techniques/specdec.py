@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.speculative import TEMPERATURE, DraftPolicy, Speculative
 
 
@@ -26,14 +26,11 @@ class FixedLength(DraftPolicy):
 @register
 @dataclass(frozen=True)
 class SpecDec(Speculative):
-    gamma: int = 4
-    temperature: float = 0.0
+    gamma: int = param("int", 4, low=1, high=32, doc="candidate tokens the draft proposes per round")
+    temperature: float = TEMPERATURE.field()
 
     name = "specdec"
-    params = {
-        "gamma": Param("int", 4, low=1, high=32, doc="candidate tokens the draft proposes per round"),
-        "temperature": TEMPERATURE,
-    }
+    examples = {"covers": {}, "one_candidate": {"gamma": 1}}
 
     def policy(self, draft: PreTrainedModel) -> DraftPolicy:
         return FixedLength(self.gamma)

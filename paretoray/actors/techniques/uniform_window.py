@@ -12,21 +12,19 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from paretoray.actors.techniques.base import Param, register
+from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.elastic_attention import ElasticSpans, kv_heads, span_for_density
 
 
 @register
 @dataclass(frozen=True)
 class UniformWindow(ElasticSpans):
-    density: float = 0.5
-    sink_tokens: int = 64
+    density: float = param("float", 0.5, low=0.001, high=1.0, doc="share of the prompt's KV cache kept (sinks + span over N), as moa's density")
+    sink_tokens: int = param("int", 64, low=0, high=4096, doc="initial tokens every head keeps (MoA: one 64-token block)")
 
     name = "uniform_window"
-    params = {
-        "density": Param("float", 0.5, low=0.001, high=1.0, doc="share of the prompt's KV cache kept (sinks + span over N), as moa's density"),
-        "sink_tokens": Param("int", 64, low=0, high=4096, doc="initial tokens every head keeps (MoA: one 64-token block)"),
-    }
+    # Covering needs room for the generated tokens too: sinks + span = density * N alone would evict them.
+    examples = {"covers": {"density": 1.0, "sink_tokens": 256}, "compresses": {"density": 0.5, "sink_tokens": 8}}
 
     def sinks(self) -> int:
         return self.sink_tokens
