@@ -39,8 +39,8 @@ class DistilledDraft:
     head_vocab: int  # the draft's output layer predicts over this many frequent tokens
     head_steps: int
     description: str
-    prompts: int = 160  # chat requests of the broad corpus the target answers (recipes/corpus.py)
-    passages: int = 160  # stretches of prose and code the target scores as they are
+    prompts: int = 128  # chat requests of the broad corpus the target answers (recipes/corpus.py)
+    passages: int = 128  # stretches of prose and code the target scores as they are
     new_tokens: int = 64  # tokens the target samples per corpus prompt
     head_prompts: int = 96  # prompts whose target continuations train the acceptance head
     head_temperature: float = 0.0  # the temperature the head is trained for (sweeps decode greedily)

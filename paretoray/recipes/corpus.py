@@ -23,7 +23,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from paretoray.actors.prompts import PROMPT_SETS, make_prompts
+from paretoray.actors.prompts import EVERYDAY, PROMPT_SETS, make_prompts
 
 # Request styles around a passage of prose ({text}) or of code ({code}), or about a term ({term}).
 PROSE_STYLES = (
@@ -48,28 +48,7 @@ TERM_STYLES = (
 )
 
 # Everyday requests in styles the recipe above never uses: for measuring, never for training.
-UNSEEN_CHAT = (
-    "What should I pack for a weekend camping trip in the mountains?",
-    "Translate 'Where is the train station, please?' into French and Spanish.",
-    "Give me a simple recipe for banana pancakes.",
-    "How can I fall asleep faster at night?",
-    "Write a haiku about a cat watching the rain.",
-    "What is the capital of Australia, and why is it not Sydney?",
-    "Plan a three-day itinerary for a first visit to Rome.",
-    "How do I politely decline a meeting invitation? Give me a short message.",
-    "List the planets of the solar system in order from the sun.",
-    "Write a SQL query that returns the ten most recent orders from a table called orders.",
-    "What are the pros and cons of working from home?",
-    "Convert 72 degrees Fahrenheit to Celsius and show the formula.",
-    "Suggest five names for a small bakery.",
-    "How do I make a div fill the whole screen in CSS?",
-    "Explain the difference between weather and climate to a ten-year-old.",
-    "Write a short birthday message for my grandmother.",
-    "What are three good exercises for lower back pain?",
-    "Write a JavaScript function that shuffles an array.",
-    "Why is the sky blue?",
-    "Give me a packing checklist for moving to a new apartment.",
-)
+UNSEEN_CHAT = EVERYDAY
 
 
 @functools.cache
@@ -104,7 +83,7 @@ def prose() -> tuple[str, ...]:
 
 @functools.cache
 def code() -> tuple[str, ...]:
-    """Functions of the standard library, 4-30 lines each, as written."""
+    """Functions of the standard library, 4-16 lines each, as written."""
     functions = []
     for path in _stdlib_files():
         try:
@@ -114,7 +93,7 @@ def code() -> tuple[str, ...]:
             continue
         lines = source.splitlines()
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.end_lineno and 4 <= node.end_lineno - node.lineno + 1 <= 30:
+            if isinstance(node, ast.FunctionDef) and node.end_lineno and 4 <= node.end_lineno - node.lineno + 1 <= 16:
                 text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
                 indent = len(text) - len(text.lstrip(" "))
                 functions.append("\n".join(line[indent:] for line in text.splitlines()))
@@ -135,7 +114,7 @@ def passages(count: int, seed: int = 0) -> list[str]:
     return [rng.choice(code()) if i % 3 == 2 else rng.choice(prose()) for i in range(count)]
 
 
-def _excerpt(text: str, limit: int = 600) -> str:
+def _excerpt(text: str, limit: int = 320) -> str:
     """At most `limit` characters of `text`, cut after a sentence where one ends."""
     if len(text) <= limit:
         return text

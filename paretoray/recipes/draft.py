@@ -245,10 +245,10 @@ def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     """Build, distil and save a draft in `out`; `head_vocab` 0 keeps the full output layer.
 
     Corpus: the target's sampled answers to `prompts` chat requests plus `passages` stretches of
-    prose and code, each cut to the corpus length (`new_tokens` + 64 tokens)."""
+    prose and code, each cut to `new_tokens` + 32 tokens."""
     started = time.perf_counter()
     sequences = sample_corpus(target, tokenizer, corpus.chat_prompts(prompts, seed), new_tokens, batch_size, seed)
-    longest = new_tokens + 64
+    longest = new_tokens + 32
     sequences += [tokenizer(text).input_ids[:longest] for text in corpus.passages(passages, seed)]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed)).tolist()
     sequences = [sequences[i] for i in order]

@@ -55,6 +55,13 @@ class Code(_PromptSet):
 
 
 @register_task
+class Everyday(_PromptSet):
+    name = "everyday"
+    summary = ("20 everyday requests in styles the templates and the draft's recipe never use (advice, recipes, "
+               "translation, trivia); scored as equality with dense's greedy output")
+
+
+@register_task
 class Mixed(_PromptSet):
     name = "mixed"
     summary = "instructions, arithmetic and code in turn; scored as equality with dense's greedy output"
