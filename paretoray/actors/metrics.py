@@ -174,6 +174,9 @@ METRICS: dict[str, Metric] = {
         Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token")),
         Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
                Max("kv_cache_bytes", scale=1 / 2**20)),
+        Metric("kv_density", False, "fraction", "sparse attention (moa, uniform_window): KV entries kept / dense entries "
+               "at each sample's prompt length, over all layers and KV heads; mean over samples (per length: kv_density/ctxN)",
+               Mean("kv_density"), broken_down=True),
         Metric("peak_memory_mb", False, "MiB", "CUDA max allocated on GPU, process peak RSS on CPU (largest sample)",
                Max("peak_memory_mb")),
         Metric("speedup", True, "x", "median over samples of the paired ratio dense ms/token / technique ms/token "

@@ -140,15 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     moa_profile = moa_commands.add_parser("profile", help="gradient-influence profile of every head at several lengths",
                                           description="Long offline documents (the standard library's documentation) with the "
                                           "model's own greedy response; each attention value's influence on the response loss, "
-                                          "summed into 64-token blocks. Saved where the moa technique looks for it unless --out.")
+                                          "summed by query-key distance. Saved where the moa technique looks for it unless --out.")
     moa_profile.add_argument("--model", default="smollm2-135m")
     moa_profile.add_argument("--lengths", type=int, nargs="+", default=None, help="tokens (default 1024 2048 on CPU)")
     moa_profile.add_argument("--samples", type=int, default=2, help="calibration documents per length")
-    moa_profile.add_argument("--out", type=Path, help="profile file (default: $PARETORAY_CACHE/moa/MODEL/profile.pt)")
+    moa_profile.add_argument("--out", type=Path, help="profile file (default: $PARETORAY_CACHE/moa/MODEL-HASH/profile.pt)")
     moa_plan = moa_commands.add_parser("plan", help="one elastic rule per head under a mean-density budget (MILP, HiGHS)")
     moa_plan.add_argument("--model", default="smollm2-135m", help="whose cached profile to use (or give --profile)")
     moa_plan.add_argument("--profile", type=Path, help="a profile file from `paretoray moa profile --out`")
     moa_plan.add_argument("--density", type=float, default=0.5, help="mean share of the KV cache kept (default 0.5, the reference's)")
+    moa_plan.add_argument("--lengths", type=int, nargs="+", default=None,
+                          help="prompt lengths (tokens) the plan serves: mean density within [0.9 D, D] at each (default: the profiled lengths)")
+    moa_plan.add_argument("--extend", type=int, default=None,
+                          help="a longer length also held to <= D (default: twice the longest of --lengths, as the reference's 16K beside 8K)")
     moa_plan.add_argument("--rules-per-layer", type=int, default=2, help="distinct rules allowed per layer (reference: 2)")
     moa_plan.add_argument("--out", type=Path, help="plan JSON (default: where the moa technique looks for it)")
 
@@ -326,11 +330,11 @@ def _train_head(args: argparse.Namespace) -> int:
 
 
 def _moa(args: argparse.Namespace) -> int:
-    from paretoray.actors.moa import DEFAULT_LENGTHS, Profile, profile_model, search_plan
-    from paretoray.actors.models import ModelLoadError, cache_root, load_model, resolve
+    from paretoray.actors.models import ModelLoadError, load_model, resolve
+    from paretoray.recipes.moa import DEFAULT_LENGTHS, Profile, moa_folder, plan_file, profile_model, search_plan
 
     def default_folder() -> Path:
-        return cache_root() / "moa" / Path(resolve(args.model)).name
+        return moa_folder(resolve(args.model))
 
     try:
         if args.moa_command == "profile":
@@ -343,18 +347,22 @@ def _moa(args: argparse.Namespace) -> int:
         source = args.profile or default_folder() / "profile.pt"
         if not source.exists():
             return _fail(f"no profile at {source}: run `paretoray moa profile --model {args.model}` first", 1)
-        plan = search_plan(Profile.load(source), args.density, rules_per_layer=args.rules_per_layer)
+        profile = Profile.load(source)
+        plan = search_plan(profile, args.density, lengths=args.lengths, extend_length=args.extend,
+                           rules_per_layer=args.rules_per_layer)
     except ModelLoadError as error:
         return _fail(str(error), 1)
     except ValueError as error:
         return _fail(str(error), 1)
-    out = args.out or source.parent / f"plan-density{args.density:.4f}.json"
+    out = args.out or plan_file(source.parent, args.density, plan.lengths, plan.extend_length)
     plan.save(out)
     spans = {n: [[rule.span(int(n)) for rule in plan.rules(layer)] for layer in range(len(plan.alphas))] for n in plan.achieved_density}
     for n, density in plan.achieved_density.items():
         flat = [s for row in spans[n] for s in row]
-        print(f"at {n} tokens: mean density {density:.3f}, spans {min(flat)}-{max(flat)} tokens (mean {sum(flat) / len(flat):.0f}), "
-              f"predicted loss increase {plan.predicted_loss[n]:.4g}")
+        loss = f", predicted loss increase {plan.predicted_loss[n]:.4g}" if n in plan.predicted_loss else ""
+        role = "served" if int(n) in plan.lengths else "extension"
+        print(f"at {n} tokens ({role}): mean density {density:.3f}, spans {min(flat)}-{max(flat)} tokens "
+              f"(mean {sum(flat) / len(flat):.0f}){loss}")
     print(f"plan saved in {out}")
     return 0
 

@@ -221,10 +221,25 @@ class ElasticSpans(Technique):
 
         return Cache(layers=[ElasticSpanLayer(self.sinks(), spans_of(i)) for i in range(model.config.num_hidden_layers)])
 
+    def prepare_for_prompt(self, model: PreTrainedModel, prompt_len: int) -> None:
+        """Anything the spans need, fetched before generating (outside inference mode)."""
+
+    def kv_density(self, model: PreTrainedModel, prompt_len: int) -> float:
+        """Kept KV entries over dense entries at a prompt of prompt_len tokens, over all layers and
+        KV heads: sinks + span per head, at most the whole prompt (what the cache holds after prefill)."""
+        kept = [min(prompt_len, self.sinks() + max(1, int(span)))
+                for layer in range(model.config.num_hidden_layers) for span in self.layer_spans(model, layer, prompt_len)]
+        return sum(kept) / (len(kept) * prompt_len)
+
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None):
         if question_ids is not None:
             raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
-        return super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens)
+        prompt_len = input_ids.shape[-1]
+        self.prepare_for_prompt(model, prompt_len)
+        run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens)
+        # One target forward per decoded token, as the runner records for plain decoding when stats are empty.
+        run.stats = {"target_calls": len(run.step_s), **run.stats, "kv_density": self.kv_density(model, prompt_len)}
+        return run
 
     @contextmanager
     def applied(self, model: PreTrainedModel) -> Iterator[Cache]:
