@@ -46,7 +46,8 @@ class SnapKV(PromptCompression):
                      doc="GQA: average votes per KV group (kvpress) or repeat KV heads, select per query head (original SnapKV, x groups memory)")
 
     name = "snapkv"
-    examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25, "window_size": 8}}
+    examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25, "window_size": 8},
+                "per_query_head": {"max_capacity_prompt": 0.25, "window_size": 8, "gqa": "per_query_head"}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +60,11 @@ class SnapKV(PromptCompression):
 
     def kv_repeat(self, module) -> int:
         return module.num_key_value_groups if self.gqa == "per_query_head" else 1
+
+    @property
+    def kv_within_dense(self) -> bool:  # type: ignore[override]
+        """per_query_head holds every query head's own keys: up to `groups` x dense's bytes."""
+        return self.gqa == "group_mean"
 
     def prefill_scores(self, module, hidden_states, position_embeddings, keys, budget):
         length = keys.shape[-2]
