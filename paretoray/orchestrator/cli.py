@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(seed, max_new_tokens, fidelity, query_placement, repeats, min_dense_accuracy) are listed first.")
 
     draft = commands.add_parser("train-draft", help="build a shallow draft for speculative decoding, distilled from the target",
-                                description="Copy the target's embeddings, first --layers layers and head, then distil it on the "
-                                "target's own sampled continuations of shipped prompt templates (offline). Prints the report, "
-                                "including the acceptance rate of greedy specdec (gamma 4).")
+                                description="Copy the target's embeddings, first --layers layers and head, then distil it on a "
+                                "broad offline corpus: prose and code that ship with Python, and the target's own sampled answers "
+                                "to requests of many styles. Prints the report, including the acceptance rate of greedy specdec "
+                                "(gamma 4) on the shipped templates and on everyday requests the recipe never trains on.")
     draft.add_argument("--model", default="smollm2-135m", help="the target (registry name, path or hub id)")
     # Defaults are the recipe of the registry's smollm2-135m-draft, so the command rebuilds that draft.
     from paretoray.actors.registry import DRAFTS
@@ -110,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = DRAFTS["smollm2-135m-draft"]
     draft.add_argument("--layers", type=int, default=recipe.layers, help=f"decoder layers the draft keeps (default {recipe.layers})")
     draft.add_argument("--steps", type=int, default=recipe.steps, help=f"distillation steps (default {recipe.steps})")
-    draft.add_argument("--prompts-per-set", type=int, default=recipe.prompts_per_set,
-                       help=f"prompts per template set: instructions, arithmetic, code (default {recipe.prompts_per_set})")
+    draft.add_argument("--prompts", type=int, default=recipe.prompts,
+                       help=f"chat requests the target answers for the corpus (default {recipe.prompts})")
+    draft.add_argument("--passages", type=int, default=recipe.passages,
+                       help=f"passages of prose and code the target scores as they are (default {recipe.passages})")
     draft.add_argument("--new-tokens", type=int, default=recipe.new_tokens,
                        help=f"tokens the target samples per prompt (default {recipe.new_tokens})")
     draft.add_argument("--head-vocab", type=int, default=recipe.head_vocab,
@@ -121,16 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--seed", type=int, default=0)
 
     head = commands.add_parser("train-acceptance-head", help="train SpecDec++'s acceptance-prediction head for a target/draft pair",
-                               description="The draft continues shipped prompts; the target judges each proposed token. The head "
-                               "(on the draft's last hidden state) is trained with the reference's weighted soft cross-entropy, "
-                               "saved beside the draft, and its calibration on held-out pairs is printed.")
+                               description="As SpecDec++'s reference makes its data: the target writes a continuation of each "
+                               "prompt; the draft proposes one token at every position of it; the target's acceptance probability of "
+                               "each proposal is its label. The head reads the draft's hidden state after each proposal is fed (a "
+                               "share of the target's own tokens mixed in) and is trained with the reference's weighted soft "
+                               "cross-entropy, saved beside the draft with the temperature and the pair it is for, and its "
+                               "calibration on held-out pairs is printed.")
     head.add_argument("--model", default="smollm2-135m", help="the target")
     head.add_argument("--draft", required=True, type=Path, help="the draft's folder (the head is saved there)")
-    head.add_argument("--prompts-per-set", type=int, default=recipe.head_prompts_per_set,
-                      help=f"prompts per template set the draft continues (default {recipe.head_prompts_per_set})")
-    head.add_argument("--new-tokens", type=int, default=48, help="tokens drafted and judged per prompt (default 48)")
+    head.add_argument("--prompts", type=int, default=recipe.head_prompts,
+                      help=f"prompts whose target continuations make the data (default {recipe.head_prompts})")
+    head.add_argument("--new-tokens", type=int, default=48, help="tokens the target writes per prompt (default 48)")
     head.add_argument("--steps", type=int, default=recipe.head_steps, help=f"training steps (default {recipe.head_steps})")
-    head.add_argument("--temperature", type=float, default=0.0, help="0: labels for greedy verification; > 0: soft labels min(1, p/q)")
+    head.add_argument("--temperature", type=float, default=0.0,
+                      help="the decoding temperature the head is for: 0 = labels for greedy verification; > 0: soft labels "
+                      "min(1, p/q) at that temperature (the reference's: 1). Using the head at another temperature warns.")
     head.add_argument("--seed", type=int, default=0)
 
     moa = commands.add_parser("moa", help="MoA's offline steps: profile a model's heads, search a plan for a density budget",
@@ -296,16 +304,16 @@ def _tasks() -> int:
 def _train_draft(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from paretoray.actors.distill import train_draft
     from paretoray.actors.models import ModelLoadError, cache_root, load_model
+    from paretoray.recipes.draft import train_draft
 
     out = args.out or cache_root() / "drafts" / f"{Path(args.model).name}-L{args.layers}"
     try:
         target, tokenizer = load_model(args.model, dtype="float32")
     except ModelLoadError as error:
         return _fail(str(error), 1)
-    report = train_draft(target, tokenizer, out, layers=args.layers, steps=args.steps, prompts_per_set=args.prompts_per_set,
-                         new_tokens=args.new_tokens, head_vocab=args.head_vocab, seed=args.seed)
+    report = train_draft(target, tokenizer, out, layers=args.layers, steps=args.steps, prompts=args.prompts,
+                         passages=args.passages, new_tokens=args.new_tokens, head_vocab=args.head_vocab, seed=args.seed)
     print(json.dumps(dataclasses.asdict(report), indent=1))
     print(f"draft saved in {out}; use it with  model: {{id: {args.model}, draft: {out}}}")
     return 0
@@ -314,15 +322,15 @@ def _train_draft(args: argparse.Namespace) -> int:
 def _train_head(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from paretoray.actors.acceptance import train_acceptance_head
     from paretoray.actors.models import ModelLoadError, load_model
+    from paretoray.recipes.acceptance_head import train_acceptance_head
 
     try:
         target, tokenizer = load_model(args.model, dtype="float32")
         draft, _ = load_model(str(args.draft), dtype="float32")
     except ModelLoadError as error:
         return _fail(str(error), 1)
-    report = train_acceptance_head(target, draft, tokenizer, args.draft, prompts_per_set=args.prompts_per_set,
+    report = train_acceptance_head(target, draft, tokenizer, args.draft, prompts=args.prompts,
                                    new_tokens=args.new_tokens, steps=args.steps, temperature=args.temperature, seed=args.seed)
     print(json.dumps(dataclasses.asdict(report), indent=1))
     print(f"head saved in {args.draft}; sweep it with technique specdec_pp and model: {{id: {args.model}, draft: {args.draft}}}")

@@ -67,17 +67,21 @@ def truncated_copy(target: PreTrainedModel, layers: int) -> PreTrainedModel:
 @torch.inference_mode()
 def sample_corpus(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                   new_tokens: int, batch_size: int = 8, seed: int = 0) -> list[list[int]]:
-    """The target's own continuations (sampled, temperature 0.8) of each prompt, prompt included."""
+    """The target's own continuations (sampled, temperature 0.8) of each prompt, prompt included,
+    in the prompts' order. Prompts are batched by length, so little padding is computed."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
-    sequences = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="target samples its own continuations", unit="batch"):
-        batch = tokenizer([as_chat(tokenizer, p) for p in prompts[start : start + batch_size]], return_tensors="pt", padding=True)
+    texts = [as_chat(tokenizer, p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i]).input_ids))
+    sequences: dict[int, list[int]] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="target samples its own continuations", unit="batch"):
+        chosen = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in chosen], return_tensors="pt", padding=True)
         out = target.generate(**batch.to(target.device), max_new_tokens=new_tokens, do_sample=True, temperature=0.8,
                               top_p=0.95, pad_token_id=tokenizer.pad_token_id)
-        for row, mask in zip(out, batch["attention_mask"]):
+        for i, row, mask in zip(chosen, out, batch["attention_mask"]):
             tokens = row[int((mask == 0).sum()) :].tolist()  # drop the left padding
             ended = False
             while tokens and tokens[-1] == tokenizer.pad_token_id:  # right padding after a finished row
@@ -85,8 +89,8 @@ def sample_corpus(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
                 ended = True
             if ended and tokenizer.pad_token_id == tokenizer.eos_token_id:
                 tokens.append(tokenizer.eos_token_id)  # the pad was the end-of-sequence token itself
-            sequences.append(tokens)
-    return sequences
+            sequences[i] = tokens
+    return [sequences[i] for i in range(len(texts))]
 
 
 TEACHER_TOP_K = 64  # the target's most likely tokens per position: nearly all of its probability mass
@@ -247,7 +251,7 @@ def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     Corpus: the target's sampled answers to `prompts` chat requests plus `passages` stretches of
     prose and code, each cut to `new_tokens` + 32 tokens."""
     started = time.perf_counter()
-    sequences = sample_corpus(target, tokenizer, corpus.chat_prompts(prompts, seed), new_tokens, batch_size, seed)
+    sequences = sample_corpus(target, tokenizer, corpus.chat_prompts(prompts, seed), new_tokens, 2 * batch_size, seed)
     longest = new_tokens + 32
     sequences += [tokenizer(text).input_ids[:longest] for text in corpus.passages(passages, seed)]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed)).tolist()

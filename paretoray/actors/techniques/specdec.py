@@ -32,5 +32,5 @@ class SpecDec(Speculative):
     name = "specdec"
     examples = {"covers": {}, "one_candidate": {"gamma": 1}}
 
-    def policy(self, draft: PreTrainedModel) -> DraftPolicy:
+    def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         return FixedLength(self.gamma)
