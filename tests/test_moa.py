@@ -140,6 +140,18 @@ def test_an_impossible_budget_says_why():
         search_plan(synthetic_profile(), 0.01, alpha_step=256)
 
 
+def recording_builder(profile, folder, asked: list):
+    """A moa_plan builder that searches `profile` and records the lengths each plan was asked for."""
+
+    def build(model, density, lengths):
+        asked.append(lengths)
+        path = folder / f"plan-{density}-{lengths}.json"
+        search_plan(profile, density, lengths=lengths, alpha_step=128).save(path)
+        return path
+
+    return build
+
+
 def test_profile_plan_and_technique_on_a_tiny_model(tiny_model, fresh_plans, tmp_path):
     model, tokenizer = tiny_model
     profile = profile_model(model, tokenizer, [256, 512], samples_per_length=1, response_tokens=8)
@@ -147,14 +159,7 @@ def test_profile_plan_and_technique_on_a_tiny_model(tiny_model, fresh_plans, tmp
     assert profile.influence[512].shape == (model.config.num_hidden_layers, model.config.num_key_value_heads, 512)
     assert all(float(v.sum()) > 0 for v in profile.influence.values())
     asked = []
-
-    def build(model, density, lengths):
-        asked.append(lengths)
-        path = tmp_path / f"plan-{density}-{lengths}.json"
-        search_plan(profile, density, lengths=lengths, alpha_step=128).save(path)
-        return path
-
-    artifacts.install({"moa_plan": build})
+    artifacts.install({"moa_plan": recording_builder(profile, tmp_path, asked)})
     technique = build_technique("moa", {"density": 0.8})
     technique.prepare(model, [300, 400])
     plan = Plan.load(tmp_path / "plan-0.8-[300, 400].json")
@@ -179,14 +184,7 @@ def test_without_prepare_the_technique_plans_for_its_prompts_length(tiny_model, 
     profile = synthetic_profile(layers=model.config.num_hidden_layers, heads=model.config.num_key_value_heads,
                                 lengths=(256, 512))
     asked = []
-
-    def build(model, density, lengths):
-        asked.append(lengths)
-        path = tmp_path / f"plan-{density}-{lengths[0]}.json"
-        search_plan(profile, density, lengths=lengths, alpha_step=128).save(path)
-        return path
-
-    artifacts.install({"moa_plan": build})
+    artifacts.install({"moa_plan": recording_builder(profile, tmp_path, asked)})
     ids = torch.randint(4, model.config.vocab_size, (1, 700), generator=torch.Generator().manual_seed(0))
     run = build_technique("moa", {"density": 0.5}).generate(model, ids, 3)
     assert asked == [[700]]
