@@ -29,7 +29,7 @@ import warnings
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from paretoray.actors.generation import synchronize
+from paretoray.actors.generation import synchronize, with_cache
 from paretoray.actors.measure import device_name
 from paretoray.actors.techniques import build_technique
 
@@ -60,14 +60,14 @@ def timed_forward(model, context: int, new: int, device: torch.device, repeats: 
     """Median seconds of a `new`-token forward on a `context`-token cache (the cache rolled back each time)."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.randint(0, model.config.vocab_size, (1, context), device=device), past_key_values=cache,
+        model(input_ids=torch.randint(0, model.config.vocab_size, (1, context), device=device), **with_cache(model, cache),
               use_cache=True, logits_to_keep=1)
         times = []
         for _ in range(repeats + 1):
             ids = torch.randint(0, model.config.vocab_size, (1, new), device=device)
             synchronize(device)
             started = time.perf_counter()
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **with_cache(model, cache), use_cache=True)
             synchronize(device)
             times.append(time.perf_counter() - started)
             cache.crop(-new)

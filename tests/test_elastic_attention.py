@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from paretoray.actors.generation import with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.elastic_attention import GROWTH, ElasticSpans, span_for_density
 
@@ -41,7 +42,7 @@ def heterogeneous(model) -> FixedSpans:
 @torch.inference_mode()
 def last_logits_by_prefill(model, technique, ids: torch.Tensor) -> torch.Tensor:
     with technique.applied(model) as cache:
-        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        return model(input_ids=ids, **with_cache(model, cache), use_cache=True).logits[0, -1]
 
 
 def test_decoding_from_the_ring_cache_equals_a_masked_prefill_of_the_whole_sequence(tiny_model):
@@ -56,9 +57,9 @@ def test_decoding_from_the_ring_cache_equals_a_masked_prefill_of_the_whole_seque
         prefix = sequence[:, : 30 + step]
         expected = last_logits_by_prefill(model, technique, prefix)
         with technique.applied(model) as cache, torch.inference_mode():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **with_cache(model, cache), use_cache=True)
             for t in range(step):
-                logits = model(input_ids=sequence[:, 30 + t : 31 + t], past_key_values=cache, use_cache=True).logits[0, -1]
+                logits = model(input_ids=sequence[:, 30 + t : 31 + t], **with_cache(model, cache), use_cache=True).logits[0, -1]
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         assert int(expected.argmax()) == run.tokens[step]
 
@@ -67,9 +68,9 @@ def test_each_head_holds_its_sinks_and_its_span_and_nothing_else(tiny_model):
     model, _ = tiny_model
     technique = heterogeneous(model)
     with technique.applied(model) as cache, torch.inference_mode():
-        model(input_ids=prompt(model, 30, 1), past_key_values=cache, use_cache=True)
+        model(input_ids=prompt(model, 30, 1), **with_cache(model, cache), use_cache=True)
         for token in range(4, 14):
-            model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[token]]), **with_cache(model, cache), use_cache=True)
     for layer, spans in zip(cache.layers, technique.spans):
         assert layer.seen == 40
         for kept, span in zip(layer.kept_positions(), spans):
@@ -96,7 +97,7 @@ def test_uniform_window_keeps_its_density_of_the_prompt(tiny_model):
     assert span_for_density(0.01, 64, 2048) == 1
     technique = build_technique("uniform_window", {"density": 0.25, "sink_tokens": 4})
     with technique.applied(model) as cache, torch.inference_mode():
-        model(input_ids=prompt(model, 200, 5), past_key_values=cache, use_cache=True)
+        model(input_ids=prompt(model, 200, 5), **with_cache(model, cache), use_cache=True)
     assert all(layer.lengths == [50] * model.config.num_key_value_heads for layer in cache.layers)
 
 

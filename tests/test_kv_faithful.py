@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from paretoray.actors.generation import greedy_generate
+from paretoray.actors.generation import greedy_generate, with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.streaming_llm import rope_inv_freq, rotate_by
 
@@ -144,7 +144,7 @@ def test_snapkv_per_query_head_selects_per_query_head_on_repeated_kv(tiny_model,
     dense = DynamicCache(config=model.config)
     with torch.no_grad():
         attentions = eager_model(ids, output_attentions=True).attentions  # repeat_kv inside: [1, Hq, L, L]
-        model(ids, past_key_values=dense, use_cache=True)
+        model(ids, **with_cache(model, dense), use_cache=True)
     q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
     groups = q_heads // kv_heads
     for layer_idx, layer in enumerate(cache.layers):
@@ -185,9 +185,9 @@ def test_snapkv_decoding_matches_a_masked_dense_reference(tiny_model, eager_mode
     technique = build_technique("snapkv", {"window_size": window, "kernel_size": kernel, "max_capacity_prompt": budget,
                                            "gqa": gqa})
     with torch.no_grad(), technique.applied(model) as cache:
-        logits = [model(ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+        logits = [model(ids, **with_cache(model, cache), use_cache=True).logits[0, -1]]
         for token in continuation[0]:
-            logits.append(model(token.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1])
+            logits.append(model(token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[0, -1])
     full = torch.cat([ids, continuation], dim=1)
     total = full.shape[1]
     q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from paretoray.actors import artifacts
+from paretoray.actors.generation import with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.kernels.sliding_window_prefill import _allowed
 from paretoray.recipes.moa import (
@@ -165,7 +166,7 @@ def test_profile_plan_and_technique_on_a_tiny_model(tiny_model, fresh_plans, tmp
     plan = Plan.load(tmp_path / "plan-0.8-[300, 400].json")
     ids = torch.randint(4, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
     with technique.applied(model) as cache, torch.inference_mode():
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **with_cache(model, cache), use_cache=True)
     for layer_idx, layer in enumerate(cache.layers):
         assert layer.spans == [rule.span(300) for rule in plan.rules(layer_idx)]
         assert layer.lengths == [min(300, BLOCK + s) for s in layer.spans]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from paretoray.actors.generation import with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.specdec_pp import AcceptanceHead, ThresholdPolicy
 from paretoray.actors.techniques.speculative import DRAFT_VOCAB, DraftHead, speculative_generate, verify
@@ -185,7 +186,7 @@ def test_rollback_leaves_caches_equal_to_a_fresh_prefill(tiny_model, draft):
         held = cache.get_seq_length()
         fresh = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(torch.tensor([sequence[:held]]), past_key_values=fresh, use_cache=True)
+            model(torch.tensor([sequence[:held]]), **with_cache(model, fresh), use_cache=True)
         for kept, reference in zip(cache.layers, fresh.layers):
             torch.testing.assert_close(kept.keys, reference.keys, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(kept.values, reference.values, rtol=1e-4, atol=1e-5)
