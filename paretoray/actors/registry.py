@@ -39,12 +39,12 @@ class DistilledDraft:
     head_vocab: int  # the draft's output layer predicts over this many frequent tokens
     head_steps: int
     description: str
-    prompts: int = 96  # chat requests of the broad corpus the target answers (recipes/corpus.py)
-    passages: int = 128  # stretches of prose and code the target scores as they are
+    prompts: int = 160  # chat requests of the broad corpus the target answers (recipes/corpus.py)
+    passages: int = 32  # stretches of prose and code the target scores as they are
     new_tokens: int = 48  # tokens the target samples per corpus prompt
     head_prompts: int = 96  # prompts whose target continuations train the acceptance head
     head_temperature: float = 0.0  # the temperature the head is trained for (sweeps decode greedily)
-    corpus: str = "python-docs-and-stdlib-v1"  # names the corpus recipe: a new one rebuilds cached drafts
+    corpus: str = "python-docs-and-stdlib-v2"  # names the corpus recipe: a new one rebuilds cached drafts
     seed: int = 0
 
 
@@ -52,7 +52,7 @@ DRAFTS: dict[str, DistilledDraft] = {
     "smollm2-135m-draft": DistilledDraft(
         target="smollm2-135m",
         layers=4,
-        steps=250,
+        steps=400,
         head_vocab=8192,
         head_steps=500,
         description="SmolLM2-135M's first 4 of 30 layers distilled from it on text shipped with Python and its own "

@@ -144,8 +144,10 @@ def _length_grouped(order: list[int], sequences: list[list[int]], batch_size: in
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, generator: torch.Generator):
-    """Endless shuffled batches; a corpus smaller than one batch makes every batch the whole corpus."""
+def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, generator: torch.Generator,
+             starts: list[int] | None = None):
+    """Endless shuffled batches; a corpus smaller than one batch makes every batch the whole corpus.
+    The loss mask of sequence i covers positions starts[i] onwards (default: all)."""
     if not sequences:
         raise ValueError("no sequences to distil on")
     top_k = teacher[0][0].shape[-1]
@@ -161,14 +163,18 @@ def _batches(sequences: list[list[int]], teacher, batch_size: int, pad: int, gen
             for row, i in enumerate(chosen):
                 n = len(sequences[i])
                 ids[row, :n] = torch.tensor(sequences[i])
-                mask[row, :n] = 1
+                mask[row, (starts[i] if starts else 0) : n] = 1
                 log_p[row, :n], index[row, :n] = teacher[i]
             yield ids, mask, log_p, index
 
 
 def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[list[int]], steps: int, pad: int,
-            batch_size: int = 8, lr: float = 3e-4, seed: int = 0, head_vocab: torch.Tensor | None = None) -> float:
+            batch_size: int = 8, lr: float = 3e-4, seed: int = 0, head_vocab: torch.Tensor | None = None,
+            starts: list[int] | None = None) -> float:
     """Train the draft's layers to match the target's next-token distributions; returns the last KL (EMA).
+
+    `starts[i]`: the first position of sequence i whose prediction is learned (a chat prompt's
+    last token, so the draft learns the target's answers rather than the request it was given).
 
     The embedding and output head stay frozen (they are the target's, shared or tied), so only
     what the truncation changed is trained. With `head_vocab` [K], the draft is trained as it
@@ -189,7 +195,7 @@ def distill(target: PreTrainedModel, draft: PreTrainedModel, sequences: list[lis
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     draft.train()
     ema = float("nan")
-    batches = _batches(sequences, teacher, batch_size, pad, generator)
+    batches = _batches(sequences, teacher, batch_size, pad, generator, starts)
     with tqdm(range(steps), desc="distilling the draft", unit="step") as bar:
         for _ in bar:
             ids, mask, log_p, index = next(batches)
@@ -248,21 +254,26 @@ def train_draft(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
                 head_vocab: int = 8192, seed: int = 0) -> DraftReport:
     """Build, distil and save a draft in `out`; `head_vocab` 0 keeps the full output layer.
 
-    Corpus: the target's sampled answers to `prompts` chat requests plus `passages` stretches of
-    prose and code, each cut to `new_tokens` + 32 tokens."""
+    Corpus: the target's sampled answers to `prompts` chat requests (learned on the answer) plus
+    `passages` stretches of prose and code (learned everywhere), each cut to `new_tokens` + 32 tokens."""
     started = time.perf_counter()
-    sequences = sample_corpus(target, tokenizer, corpus.chat_prompts(prompts, seed), new_tokens, 2 * batch_size, seed)
-    longest = new_tokens + 32
-    sequences += [tokenizer(text).input_ids[:longest] for text in corpus.passages(passages, seed)]
+    requests = corpus.chat_prompts(prompts, seed)
+    answered = sample_corpus(target, tokenizer, requests, new_tokens, 2 * batch_size, seed)
+    # A chat sequence is learned from its prompt's last position on (the target's answer); a passage
+    # of prose or code everywhere.
+    starts = [len(tokenizer(as_chat(tokenizer, r)).input_ids) - 1 for r in requests] + [0] * passages
+    sequences = answered + [tokenizer(text).input_ids[: new_tokens + 32] for text in corpus.passages(passages, seed)]
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed)).tolist()
-    sequences = [sequences[i] for i in order]
-    held_out, train = sequences[: len(sequences) // 10], sequences[len(sequences) // 10 :]
+    sequences, starts = [sequences[i] for i in order], [starts[i] for i in order]
+    held = len(sequences) // 10
+    held_out, train, train_starts = sequences[:held], sequences[held:], starts[held:]
     vocab_size = target.get_output_embeddings().weight.shape[0]
     vocab = None
     if 0 < head_vocab < vocab_size:
         vocab = frequent_vocabulary(train, vocab_size, head_vocab, tokenizer.all_special_ids).to(target.device)
     draft = truncated_copy(target, layers).to(target.device)
-    kl = distill(target, draft, train, steps, tokenizer.pad_token_id, batch_size, seed=seed, head_vocab=vocab)
+    kl = distill(target, draft, train, steps, tokenizer.pad_token_id, batch_size, seed=seed, head_vocab=vocab,
+                 starts=train_starts)
     agreement, coverage = greedy_agreement(target, draft, held_out, vocab)
     out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(out)
