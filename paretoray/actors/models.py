@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from paretoray.actors import artifacts
 from paretoray.paths import cache_root  # noqa: F401 (re-exported)
-from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF  # noqa: F401 (re-exported)
+from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF, is_built  # noqa: F401 (re-exported)
 
 
 class ModelLoadError(RuntimeError):
@@ -71,7 +71,8 @@ def resolve(ref: str) -> str:
     if ref in REGISTRY:
         return str(_dequantized_dir(ref, REGISTRY[ref]))
     if ref in DRAFTS:  # built on first use by its recipe (paretoray.recipes), installed by the controller
-        return str(artifacts.provide("registry_draft", name=ref))
+        built = cache_root() / "models" / ref
+        return str(built if is_built(built, DRAFTS[ref]) else artifacts.provide("registry_draft", name=ref))
     if looks_like_path(ref) and not Path(ref).is_dir():
         raise ModelLoadError(f"model {ref!r}: no such directory (registry names: {', '.join(registry_names())})")
     return ref

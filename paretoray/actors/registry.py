@@ -6,7 +6,9 @@ the model stack; `models.py` does the loading and building.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,16 @@ DRAFTS: dict[str, DistilledDraft] = {
         "answers to varied requests (8K-token output layer), with a SpecDec++ head",
     ),
 }
+
+
+RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft it was built by
+
+
+def recipe_stamp(entry: DistilledDraft) -> str:
+    return json.dumps(asdict(entry), sort_keys=True)
+
+
+def is_built(folder: Path, entry: DistilledDraft) -> bool:
+    """A registry draft built by this recipe (one cached by another recipe, an older release's, is not)."""
+    stamp = folder / RECIPE_FILE
+    return (folder / "acceptance_head.safetensors").exists() and stamp.exists() and stamp.read_text() == recipe_stamp(entry)

@@ -4,19 +4,16 @@ file lock, the others wait for it), says so on stderr, and returns the artifact'
 from __future__ import annotations
 
 import fcntl
-import json
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from paretoray.actors.artifacts import Builder
+from paretoray.actors.registry import RECIPE_FILE, is_built, recipe_stamp
 from paretoray.paths import cache_root
-
-RECIPE_FILE = "recipe.json"  # beside a built registry draft: the DistilledDraft it was built by
 
 
 @contextmanager
@@ -35,11 +32,10 @@ def registry_draft(name: str) -> Path:
 
     entry = DRAFTS[name]
     target = cache_root() / "models" / name
-    recipe = json.dumps(asdict(entry), sort_keys=True)
+    recipe = recipe_stamp(entry)
 
     def built() -> bool:
-        stamp = target / RECIPE_FILE
-        return (target / "acceptance_head.safetensors").exists() and stamp.exists() and stamp.read_text() == recipe
+        return is_built(target, entry)
 
     if built():
         return target
