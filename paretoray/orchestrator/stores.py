@@ -15,6 +15,7 @@ from elsewhere), else to `artifacts/` beside the local stores.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -23,6 +24,18 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+_QUERY_SECRETS = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret|api_key|access_key)=)(?P<secret>[^&\s]+)")
+
+
+def redact(text: object) -> str:
+    """`text` with every credential in a URI replaced by `***`: `scheme://user:SECRET@host` and
+    `?password=SECRET` style query parameters. Every message, log line, report and record that may
+    carry a store URL goes through this."""
+    shown = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _QUERY_SECRETS.sub(lambda m: f"{m['key']}***", shown)
 
 
 class StoreError(ValueError):
