@@ -13,11 +13,16 @@ for it (`artifacts.provide`). The recipe is seeded, so machines with the same Py
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -132,3 +137,119 @@ def load_model(
     except Exception as error:  # transformers raises many types; the user needs the reference and the cause
         raise ModelLoadError(f"model {ref!r} did not load: {type(error).__name__}: {error}") from error
     return model.to(target).eval(), tokenizer
+
+
+# ---- model identity -----------------------------------------------------------------------------
+
+# Config keys that say how a model was loaded or is run, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "name_or_path", "dtype", "torch_dtype", "transformers_version", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "tf_legacy_loss", "use_bfloat16",
+})
+# The files transformers reads a checkpoint's weights from (single file or shards).
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+IDENTITY_CACHE = "file-digests.json"  # under cache_root(): path -> [size, mtime_ns, sha256]
+_FILE_DIGESTS: dict[str, list] = {}  # this process's copy of IDENTITY_CACHE
+_MODEL_IDENTITIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((name_or_path, parameter versions), identity)
+
+
+def config_digest(config: Any) -> str:
+    """sha256 of a config's canonical JSON, without what only says how it was loaded or is run
+    (dtype, attention implementation, the folder it came from, transformers' version)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items() if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    canonical = json.dumps(clean(data), sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A local checkpoint's weight files (model*.safetensors / pytorch_model*.bin, shards included)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and _WEIGHT_FILE.match(p.name))
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered by (resolved path, size, mtime) in IDENTITY_CACHE beside
+    the other caches, so a multi-GB checkpoint is hashed once per machine, not on every start."""
+    path = path.resolve()
+    stat = path.stat()
+    key = str(path)
+    store = cache_root() / IDENTITY_CACHE
+    if not _FILE_DIGESTS:
+        try:
+            loaded = json.loads(store.read_text())
+            _FILE_DIGESTS.update({k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 3})
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or torn: digests are recomputed
+    seen = _FILE_DIGESTS.get(key)
+    if seen and seen[0] == stat.st_size and seen[1] == stat.st_mtime_ns:
+        return str(seen[2])
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    _FILE_DIGESTS[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    try:  # several processes may write: each writes aside and renames; the last one's entries win
+        store.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".file-digests-", dir=store.parent)
+        with os.fdopen(handle, "w") as out:
+            json.dump(_FILE_DIGESTS, out)
+        Path(staging).replace(store)
+    except OSError:
+        pass  # a read-only cache only costs hashing again
+    return digest.hexdigest()
+
+
+def _tensors_digest(model: Any) -> str:
+    """sha256 over a model's state dict: names, dtypes, shapes and bytes (dtype-dependent)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_identity(model: PreTrainedModel | str | Path) -> str:
+    """What a model computes, as a sha256 hex digest: of its config (`config_digest`) and of its
+    weights. The weights are, for a model loaded from (or given as) a local folder, that folder's
+    weight files' contents (not their path: a copy or a renamed folder is the same model, and the
+    dtype it is loaded in does not matter); for a model from the hub, its repository and commit;
+    otherwise (a model made in memory) its state dict's tensors. Everything built from a model
+    (MoA profiles and plans, an acceptance head's pair) is keyed or checked by it.
+
+    A folder's file digests are cached (see `_file_sha256`); a model object's identity is
+    remembered until one of its parameters is changed in place. A model loaded from a folder and
+    then changed in memory keeps the folder's identity while its parameters are unchanged since
+    this was first asked."""
+    from transformers import AutoConfig
+
+    if isinstance(model, (str, Path)):
+        ref, config, stamp = str(model), AutoConfig.from_pretrained(str(model)), None
+    else:
+        ref, config = str(getattr(model, "name_or_path", "") or ""), model.config
+        stamp = (ref, tuple(p._version for p in model.parameters()))
+        remembered = _MODEL_IDENTITIES.get(model)
+        if remembered is not None and remembered[0] == stamp:
+            return remembered[1]
+    folder = Path(ref).expanduser()
+    files = weight_files(folder) if ref and folder.is_dir() else []
+    commit = getattr(config, "_commit_hash", None)
+    if files:
+        weights = "files:" + ",".join(f"{p.name}={_file_sha256(p)}" for p in files)
+    elif commit and ref and not folder.exists():
+        weights = f"hub:{ref}@{commit}"
+    elif stamp is not None:
+        weights = "tensors:" + _tensors_digest(model)
+    else:
+        raise ModelLoadError(f"model {ref!r}: no weight files (model*.safetensors, pytorch_model*.bin) to identify it by")
+    identity = hashlib.sha256(f"config:{config_digest(config)}\nweights:{weights}".encode()).hexdigest()
+    if stamp is not None:
+        _MODEL_IDENTITIES[model] = (stamp, identity)
+    return identity
