@@ -10,14 +10,15 @@ from mlflow.tracking import MlflowClient
 
 from paretoray.dashboards.data import ReportError, SweepData, collect_sweep, combine
 from paretoray.dashboards.render import DEFAULT_MLFLOW_URL, render_report
-from paretoray.orchestrator.stores import Stores
+from paretoray.orchestrator.stores import Stores, redact, strip_credentials
 
 REPORT_FILE = "report.html"
 
 
 def default_mlflow_url(tracking_uri: str) -> str:
-    """Where run links point: the tracking server itself, else where `paretoray ui` serves."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_URL
+    """Where run links point: the tracking server itself (without the credentials its URI may carry:
+    the page is a file anyone may be sent, and an MLflow artifact), else where `paretoray ui` serves."""
+    return strip_credentials(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_URL
 
 
 def load_sweep(name: str, stores: Stores, client: MlflowClient | None = None) -> SweepData:
@@ -29,7 +30,8 @@ def report_html(names: list[str], stores: Stores, force: bool = False, mlflow_ur
     """One page for one sweep, or several overlaid (refused if they are not comparable, unless `force`)."""
     client = MlflowClient(tracking_uri=stores.tracking_uri)
     sweeps = [load_sweep(name, stores, client) for name in names]
-    return render_report(combine(sweeps, force=force), mlflow_url or default_mlflow_url(stores.tracking_uri), command)
+    url = strip_credentials(mlflow_url) if mlflow_url else default_mlflow_url(stores.tracking_uri)
+    return render_report(combine(sweeps, force=force), url, command and redact(command))
 
 
 def write_report(names: list[str], stores: Stores, out: Path, **options: Any) -> Path:

@@ -174,14 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from paretoray.orchestrator.stores import redact
+
+    print(f"error: {redact(message)}", file=sys.stderr)  # a store's error may quote its URL
     return code
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from paretoray.orchestrator.controller import Controller, SweepError, study_exists
     from paretoray.orchestrator.spec import SpecError, load_spec
-    from paretoray.orchestrator.stores import StoreError, resolve_stores
+    from paretoray.orchestrator.stores import StoreError, redact, resolve_stores
 
     try:
         if args.sweep_command == "validate":
@@ -217,16 +219,20 @@ def _sweep(args: argparse.Namespace) -> int:
           f"in {result.wall_s:.0f} s")
     objectives = list(controller.spec.objectives)
     print(_table(pareto.front_frame(result.rows, objectives, pareto_only=True), objectives))
-    print(f"\nMLflow parent run {result.parent_run_id} ({stores.tracking_uri})")
+    print(f"\nMLflow parent run {result.parent_run_id} ({redact(stores.tracking_uri)})")
     print(f"browse it:  paretoray ui{_store_flags(args)}")
     return 0
 
 
 def _store_flags(args: argparse.Namespace) -> str:
-    flags = ""
-    if getattr(args, "tracking_uri", None):
-        flags += f" --tracking-uri {args.tracking_uri}"
-    return flags
+    from paretoray.orchestrator.stores import redact
+
+    uri = getattr(args, "tracking_uri", None)
+    if not uri:
+        return ""
+    if redact(uri) != uri:  # never echo a password; the environment carries it without showing it
+        return f" --tracking-uri {redact(uri)}  (better: export PARETORAY_TRACKING_URI=<the URI> and omit the flag)"
+    return f" --tracking-uri {uri}"
 
 
 def _table(frame, objectives: list[str]) -> str:
@@ -260,10 +266,10 @@ def _results(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from paretoray.dashboards import ReportError, write_report
     from paretoray.dashboards.report import default_mlflow_url
-    from paretoray.orchestrator.stores import resolve_stores
+    from paretoray.orchestrator.stores import resolve_stores, strip_credentials
 
     stores = resolve_stores(args.tracking_uri, args.storage)
-    url = args.mlflow_url or default_mlflow_url(stores.tracking_uri)
+    url = strip_credentials(args.mlflow_url) if args.mlflow_url else default_mlflow_url(stores.tracking_uri)
     command = "paretoray report " + " ".join(args.names) + (" --force" if args.force else "")
     try:
         out = write_report(args.names, stores, args.output, force=args.force, mlflow_url=url, command=command)
@@ -376,32 +382,45 @@ def _moa(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from paretoray.orchestrator.stores import resolve_stores
+    from urllib.parse import urlsplit
+
+    from paretoray.orchestrator.stores import redact, resolve_stores, strip_credentials
 
     stores = resolve_stores(args.tracking_uri, args.storage)
     if stores.tracking_uri.startswith(("http://", "https://")):
         # A tracking server (a cluster's head) is already the UI: starting another would only proxy it.
-        print(f"MLflow UI: {stores.tracking_uri}  (the tracking server itself; nothing to start)")
-        host = stores.tracking_uri.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+        print(f"MLflow UI: {strip_credentials(stores.tracking_uri)}  (the tracking server itself; nothing to start)")
+        where = urlsplit(stores.tracking_uri)
+        host = where.hostname or "localhost"
         if host not in ("127.0.0.1", "localhost"):
-            port = stores.tracking_uri.rstrip("/").rsplit(":", 1)[-1]
-            port = port if port.isdigit() else "5000"
+            try:
+                port = str(where.port or 5000)
+            except ValueError:
+                port = "5000"
             print(f"if its port is closed to you, forward it:  ssh -L {port}:localhost:{port} {host}  "
                   f"(or `ray attach cluster.yaml -p {port}`), then open http://127.0.0.1:{port}")
         return 0
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {stores.tracking_uri}\n  open {url}  (Ctrl-C stops it)\n"
+    print(f"MLflow UI for {redact(stores.tracking_uri)}\n  open {url}  (Ctrl-C stops it)\n"
           f"  sweeps and their trial runs: {url}/#/experiments?workflowType=machine_learning (MLflow's 'Model training' view)",
           flush=True)
-    command = [mlflow, "server", "--backend-store-uri", stores.tracking_uri, "--host", args.host, "--port", str(args.port),
-               "--workers", str(args.workers)]
-    # MLflow's job runner (five more processes) serves its GenAI features; browsing sweeps needs none of it.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    command, env = ui_command(mlflow, stores.tracking_uri, args.host, args.port, args.workers)
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 0
+
+
+def ui_command(mlflow: str, tracking_uri: str, host: str, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow server` command line and environment for `paretoray ui`. The store's URI (which
+    may hold a password) goes in the environment (`mlflow server` reads MLFLOW_BACKEND_STORE_URI),
+    never on the command line, which every user of the machine can read (`ps`)."""
+    command = [mlflow, "server", "--host", host, "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri,
+           # MLflow's job runner (five more processes) serves its GenAI features; browsing sweeps needs none of it.
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    return command, env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except StoreError as error:  # a store URL this machine cannot use (a driver missing, ...), for every command
         return _fail(str(error))
+    except Exception:  # a store or driver error that may quote a URL with its password: the traceback, redacted
+        import traceback
+
+        from paretoray.orchestrator.stores import redact
+
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

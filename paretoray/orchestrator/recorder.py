@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from paretoray.orchestrator import pareto
-from paretoray.orchestrator.stores import Stores
+from paretoray.orchestrator.stores import Stores, redact
 
 TRIAL_TAG = "paretoray.trial"
 SWEEP_TAG = "paretoray.sweep"
@@ -30,6 +30,11 @@ SAMPLES_FILE = "samples.parquet"
 def _param_text(value: Any) -> str:
     text = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else str(value)
     return text[:500]  # MLflow caps a param's value
+
+
+def _redacted(values: dict[str, Any]) -> dict[str, str]:
+    """Params and tags as MLflow keeps them, with any credential a value quotes hidden (stores.redact)."""
+    return {k: redact(v) for k, v in values.items()}
 
 
 def _flat_params(record: dict[str, Any]) -> dict[str, str]:
@@ -59,8 +64,8 @@ class Recorder:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"sweep {self.sweep}",
-            tags={SWEEP_TAG: self.sweep, "paretoray.role": "sweep", "paretoray.model": spec_json["model"]["id"],
-                  "paretoray.task": spec_json["workload"]["task"]},
+            tags=_redacted({SWEEP_TAG: self.sweep, "paretoray.role": "sweep", "paretoray.model": spec_json["model"]["id"],
+                            "paretoray.task": spec_json["workload"]["task"]}),
         )
         run_id = run.info.run_id
         params = {
@@ -77,10 +82,10 @@ class Recorder:
         }
         # The task's own settings (lengths, a data file, a metric...), whatever the task.
         params.update({f"workload.{k}": _param_text(v) for k, v in spec_json["workload"].items() if k not in ("task", "query_placement")})
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        self.client.log_dict(run_id, spec_json, "spec.json")
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in _redacted(params).items()])
+        self.client.log_text(run_id, redact(json.dumps(spec_json, indent=2)), "spec.json")
         if spec_text is not None:
-            self.client.log_text(run_id, spec_text, "spec.yaml")
+            self.client.log_text(run_id, redact(spec_text), "spec.yaml")
         return run_id
 
     def reopen_sweep(self, parent_run_id: str) -> None:
@@ -141,7 +146,7 @@ class Recorder:
         tags.update({f"env.{k}": str(v) for k, v in record.get("env", {}).items()})
         if record.get("error"):
             tags["paretoray.error"] = str(record["error"])[:4000]
-        run = self.client.create_run(self.experiment_id, tags=tags)
+        run = self.client.create_run(self.experiment_id, tags=_redacted(tags))
         run_id = run.info.run_id
         metrics = [
             Metric(k, float(v), 0, 0)
@@ -149,12 +154,12 @@ class Recorder:
             if isinstance(v, (int, float)) and math.isfinite(v)
         ]
         metrics.append(Metric("wall_s", float(record.get("wall_s", 0.0)), 0, 0))
-        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _flat_params(record).items()])
-        self.client.log_text(run_id, json.dumps(record, indent=1, default=str), RECORD_FILE)
+        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in _redacted(_flat_params(record)).items()])
+        self.client.log_text(run_id, redact(json.dumps(record, indent=1, default=str)), RECORD_FILE)
         if record.get("samples"):
             self._log_samples(run_id, record["samples"])
         if record.get("traceback"):
-            self.client.log_text(run_id, record["traceback"], "traceback.txt")
+            self.client.log_text(run_id, redact(record["traceback"]), "traceback.txt")
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
         return run_id
 
@@ -221,5 +226,5 @@ class Recorder:
             (folder / REPORT_FILE).write_text(html, encoding="utf-8")
             return REPORT_FILE
         except Exception as error:
-            print(f"warning: the sweep report could not be refreshed: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"warning: the sweep report could not be refreshed: {type(error).__name__}: {redact(error)}", file=sys.stderr)
             return None

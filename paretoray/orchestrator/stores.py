@@ -26,16 +26,29 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
-_QUERY_SECRETS = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret|api_key|access_key)=)(?P<secret>[^&\s]+)")
+# The password runs to the first `@`: SQLAlchemy's URL grammar allows `/` and `:` in it
+# (postgresql://u:pa/ss@host), and a quote or whitespace ends a URL quoted in a message.
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s'\"]*):(?P<secret>[^@\s'\"]+)@")
+# `key=SECRET` in a URL query (?password=, &sslpassword=) or a libpq conninfo (`host=h password=x`).
+_SECRET_KEYS = r"(?:ssl)?password|passwd|pwd|passphrase|token|access_token|secret|client_secret|api_key|apikey|access_key|secret_key"
+_QUERY_SECRETS = re.compile(rf"(?i)(?<![\w.-])(?P<key>(?:{_SECRET_KEYS})=)(?P<secret>[^&\s'\";,)]+)")
 
 
 def redact(text: object) -> str:
     """`text` with every credential in a URI replaced by `***`: `scheme://user:SECRET@host` and
-    `?password=SECRET` style query parameters. Every message, log line, report and record that may
-    carry a store URL goes through this."""
+    `?password=SECRET` style query (or conninfo) parameters. Every message, log line, report and
+    record that may carry a store URL goes through this."""
     shown = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
     return _QUERY_SECRETS.sub(lambda m: f"{m['key']}***", shown)
+
+
+def strip_credentials(url: str) -> str:
+    """`url` without its user information and secret query parameters: for a link a page keeps
+    (the report's run links), where `***` would only make the browser fail to log in."""
+    without_user = re.sub(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@", r"\g<scheme>", url.strip())
+    base, _, query = without_user.partition("?")
+    kept = [part for part in query.split("&") if part and not re.fullmatch(rf"(?i)(?:{_SECRET_KEYS})=.*", part)]
+    return redact(base + ("?" + "&".join(kept) if kept else ""))
 
 
 class StoreError(ValueError):
@@ -48,7 +61,7 @@ def _check_driver(url: str, flag: str) -> None:
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise StoreError(f"{flag} {url.split('@')[-1]!r} is PostgreSQL, which needs psycopg: "
+            raise StoreError(f"{flag} {redact(url.split('@')[-1])!r} is PostgreSQL, which needs psycopg: "
                              "pip install 'paretoray[cluster]' (or 'psycopg[binary]')") from None
 
 
@@ -63,7 +76,7 @@ class Stores:
         storage = self.optuna_storage()
         known = [summary.study_name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         if name not in known:
-            raise StoreError(f"no sweep named {name!r} in {self.storage}; known: {', '.join(known) or 'none'}")
+            raise StoreError(f"no sweep named {name!r} in {redact(self.storage)}; known: {', '.join(known) or 'none'}")
         return optuna.load_study(study_name=name, storage=storage)
 
     def optuna_storage(self) -> BaseStorage:
@@ -92,7 +105,8 @@ def write_ahead_log(path: Path) -> None:
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    # The query (`?timeout=`, or a `?password=` SQLite ignores) is no part of the file's name.
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
 
 
 def resolve_stores(tracking_uri: str | None = None, storage: str | None = None, home: str | None = None) -> Stores:
