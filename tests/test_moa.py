@@ -198,10 +198,13 @@ def test_no_builder_names_the_commands_that_build_a_plan(tiny_model, fresh_plans
         build_technique("moa", {"density": 0.5}).prepare(model, [1024])
 
 
-def test_first_use_build_profiles_once_and_caches_by_resolved_path(tiny_model_dir, tmp_path, monkeypatch, capfd):
+def test_first_use_build_profiles_once_caches_by_identity_and_rebuilds_an_unsafe_profile(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch, capfd):
     from transformers import AutoModelForCausalLM
 
+    from paretoray.actors.models import model_identity
     from paretoray.recipes import build, builders, moa
+    from tests.test_caches import write_code_running_pickle
 
     monkeypatch.setenv("PARETORAY_CACHE", str(tmp_path))
     monkeypatch.setattr(moa, "DEFAULT_LENGTHS", [256, 512])
@@ -211,12 +214,24 @@ def test_first_use_build_profiles_once_and_caches_by_resolved_path(tiny_model_di
     second = builders()["moa_plan"](model=model, density=0.8, lengths=[1000])
     assert first == second and Plan.load(first).lengths == [1000]
     assert capfd.readouterr().err.count("moa: profiling") == 1
-    assert first.parent == moa_folder(str(tiny_model_dir)) and (first.parent / "profile.pt").exists()
-    # two models in folders of the same name do not share a cache
-    (tmp_path / "a" / "m").mkdir(parents=True)
-    (tmp_path / "b" / "m").mkdir(parents=True)
-    assert moa_folder(str(tmp_path / "a" / "m")) != moa_folder(str(tmp_path / "b" / "m"))
-    assert moa_folder(str(tmp_path / "a" / "m")).name.startswith("m-")
+    identity = model_identity(model)
+    assert first.parent == moa_folder(str(tiny_model_dir)) == moa_folder(model)
+    assert first.parent.name == f"tiny-llama-{identity[:16]}" and Plan.load(first).model == identity
+    assert Profile.load(first.parent / "profile.pt", identity).identity == identity
+    # A cached profile that would run code when unpickled is never loaded: the build profiles again.
+    marker = tmp_path / "ran"
+    write_code_running_pickle(first.parent / "profile.pt", marker)
+    first.unlink()
+    assert builders()["moa_plan"](model=model, density=0.8, lengths=[1000]) == first
+    err = capfd.readouterr().err
+    assert not marker.exists() and "not a profile that loads safely" in err and err.count("moa: profiling") == 1
+    assert Profile.load(first.parent / "profile.pt", identity).lengths == [256, 512]
+    # A plan searched for another model is searched again.
+    plan = Plan.load(first)
+    plan.model = "0" * 64
+    plan.save(first)
+    builders()["moa_plan"](model=model, density=0.8, lengths=[1000])
+    assert Plan.load(first).model == identity and "moa: profiling" not in capfd.readouterr().err
 
 
 def test_uniform_window_reports_its_kv_density(tiny_model):

@@ -56,6 +56,7 @@ class Plan:
     profiled_lengths: list[int] = field(default_factory=list)
     predicted_loss: dict[str, float] = field(default_factory=dict)  # per profiled length: summed influence dropped
     achieved_density: dict[str, float] = field(default_factory=dict)  # per constrained length: mean over heads
+    model: str | None = None  # models.model_identity of the model profiled (None: a plan of an earlier version)
 
     def rules(self, layer: int) -> list[Rule]:
         return [Rule(a, b) for a, b in zip(self.alphas[layer], self.betas[layer])]
@@ -67,8 +68,17 @@ class Plan:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(json.dumps(asdict(self), indent=1))
+        staging.replace(path)  # a reader never sees half a file
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        return cls(**json.loads(Path(path).read_text()))
+        """Plain JSON: nothing but numbers, strings and lists is read (ValueError for anything else)."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a MoA plan")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise ValueError(f"{path}: not a MoA plan of this version ({error})") from None

@@ -38,12 +38,19 @@ weighted objective is the cheaper stand-in.
 GQA. The reference expands GQA models to one KV head per query head before profiling. Here a
 plan is per KV head: the cache, which is what the plan saves, is per KV head, so the influences of
 a group's query heads are summed and the group shares one rule.
+
+Cache (`moa_folder`). Profiles and plans are kept under `$PARETORAY_CACHE/moa/NAME-IDENTITY/`,
+IDENTITY being `paretoray.actors.models.model_identity` (a digest of the model's config and
+weights), so models in folders of the same name never share a profile. The profile is plain
+tensors and numbers, saved with torch.save and read with torch.load(weights_only=True): a file that
+would need code run to load it is refused unread; it records the model's identity, and a profile
+of another model is refused. Plans are JSON and record the identity too. The first-use build
+profiles again when the cached profile is refused.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import math
 import pydoc
 import sys
@@ -56,11 +63,13 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from paretoray.actors.models import model_identity
 from paretoray.actors.moa_plan import BLOCK, Plan, Rule
 from paretoray.actors.prompts import as_chat
 from paretoray.paths import cache_root
 
-__all__ = ["BLOCK", "Plan", "Rule", "Profile", "profile_model", "search_plan", "candidate_rules", "build_plan"]
+__all__ = ["BLOCK", "Plan", "Rule", "Profile", "ProfileError", "profile_model", "search_plan", "candidate_rules",
+           "build_plan", "moa_folder"]
 
 DEFAULT_LENGTHS = [1024, 2048]  # what a CPU profiles in minutes; the reference profiles 2K/4K/8K on GPUs
 EPS = 2.0**-7  # the reference's eps: bf16's machine epsilon, where its profiles are computed
@@ -69,6 +78,7 @@ DOC_MODULES = ("argparse", "collections", "functools", "itertools", "json", "log
                "subprocess", "threading", "typing", "unittest", "datetime", "decimal", "email", "http.client")
 QUESTION = "Summarize the documentation above in a few sentences."
 PROFILE_FORMAT = "distance"  # influence summed by query-key distance (earlier profiles: 64x64 blocks)
+PROFILE_FILE = "profile.pt"  # in moa_folder(model): torch.save of plain tensors and numbers, read with weights_only=True
 
 
 def extension_length(lengths: list[int]) -> int:
@@ -199,6 +209,11 @@ def profile_length(model: PreTrainedModel, samples: list[tuple[torch.Tensor, int
     return total / len(samples)
 
 
+class ProfileError(ValueError):
+    """A profile file that cannot be used: unreadable without running code, of an earlier format,
+    or of another model. The message says to profile again."""
+
+
 @dataclass
 class Profile:
     model: str
@@ -206,20 +221,50 @@ class Profile:
     influence: dict[int, torch.Tensor]  # length -> [layers, kv_heads, length]: influence by query-key distance
     samples_per_length: int
     seconds: float
+    identity: str | None = None  # models.model_identity of the model profiled
 
     def save(self, path: Path) -> None:
+        """Plain data only (str, numbers, lists, a dict of tensors): what torch.load(weights_only=True) reads."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model, "lengths": self.lengths, "influence": self.influence,
-                    "samples_per_length": self.samples_per_length, "seconds": self.seconds,
-                    "format": PROFILE_FORMAT}, path)
+        data = {"model": self.model, "lengths": [int(n) for n in self.lengths],
+                "influence": {int(n): v.detach().cpu().contiguous() for n, v in self.influence.items()},
+                "samples_per_length": int(self.samples_per_length), "seconds": float(self.seconds),
+                "identity": self.identity, "format": PROFILE_FORMAT}
+        staging = path.with_name(f".{path.name}.tmp")
+        torch.save(data, staging)
+        staging.replace(path)  # a reader never sees half a file
 
     @classmethod
-    def load(cls, path: Path) -> Profile:
-        data = torch.load(path, weights_only=False)
-        if data.pop("format", None) != PROFILE_FORMAT:
-            raise ValueError(f"{path}: a profile in 64x64 blocks from an earlier version; profile again "
-                             "(`paretoray moa profile`): plans now count influence by query-key distance")
-        return cls(**data)
+    def load(cls, path: Path, identity: str | None = None) -> Profile:
+        """Read with torch.load(weights_only=True): a file holding anything but plain data (a pickle
+        that would run code, a tampered file) is refused unexecuted. With `identity` (the model's
+        `model_identity`), a profile of another model, or of none recorded, is refused too."""
+        redo = "profile again (`paretoray moa profile`, or delete it and the first use rebuilds it)"
+        try:
+            data = torch.load(path, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # UnpicklingError for a forbidden global, RuntimeError for a torn file
+            raise ProfileError(f"{path}: not a profile that loads safely (plain tensors and numbers only): "
+                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; {redo}") from None
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{path}: a profile of an earlier format (in 64x64 blocks, or not a profile); {redo}: "
+                               "plans now count influence by query-key distance")
+        try:
+            profile = cls(model=str(data["model"]), lengths=[int(n) for n in data["lengths"]],
+                          influence={int(n): v for n, v in data["influence"].items()},
+                          samples_per_length=int(data["samples_per_length"]), seconds=float(data["seconds"]),
+                          identity=data.get("identity"))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ProfileError(f"{path}: a malformed profile ({type(error).__name__}: {error}); {redo}") from None
+        if not all(isinstance(v, torch.Tensor) and v.shape[-1] == n for n, v in profile.influence.items()) or \
+                set(profile.influence) != set(profile.lengths):
+            raise ProfileError(f"{path}: a malformed profile (its influence does not match its lengths); {redo}")
+        if identity is not None and profile.identity != identity:
+            whose = "records no model (an earlier version)" if profile.identity is None else \
+                f"is of another model ({profile.model}, identity {str(profile.identity)[:16]}, not {identity[:16]})"
+            raise ProfileError(f"{path}: the profile {whose}; {redo}")
+        return profile
 
     def dropped(self, n: int, span: int) -> torch.Tensor:
         """[layers, kv_heads]: influence a span of `span` recent tokens (sinks kept) drops at length n."""
@@ -243,7 +288,8 @@ def profile_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, le
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    return Profile(str(model.name_or_path), list(lengths), influence, samples_per_length, time.perf_counter() - started)
+    return Profile(str(model.name_or_path), list(lengths), influence, samples_per_length, time.perf_counter() - started,
+                   identity=model_identity(model))
 
 
 # ---- plan search --------------------------------------------------------------------------------
@@ -306,7 +352,7 @@ def search_plan(profile: Profile, density: float, lengths: list[int] | None = No
     return Plan(
         alphas=[[plan_rules[l * heads + h].alpha for h in range(heads)] for l in range(layers)],
         betas=[[plan_rules[l * heads + h].beta for h in range(heads)] for l in range(layers)],
-        density=density, lengths=served, extend_length=extend, profiled_lengths=list(profile.lengths),
+        density=density, lengths=served, extend_length=extend, profiled_lengths=list(profile.lengths), model=profile.identity,
         predicted_loss={str(n): float(sum(loss_at(profile, n, plan_rules))) for n in profile.lengths},
         achieved_density={str(n): float(np.mean([rule.density(n) for rule in plan_rules])) for n in constrained},
     )
@@ -321,13 +367,13 @@ def loss_at(profile: Profile, n: int, plan_rules: list[Rule]) -> list[float]:
 # ---- first-use build ----------------------------------------------------------------------------
 
 
-def moa_folder(model_path: str) -> Path:
-    """Where a model's profile and plans are cached: its folder's name plus a hash of the resolved
-    path (two models in folders of the same name get two caches)."""
-    path = Path(model_path).expanduser()
-    identity = str(path.resolve()) if path.exists() else model_path  # a hub id stays as it is
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
-    return cache_root() / "moa" / f"{path.name}-{digest}"
+def moa_folder(model: PreTrainedModel | str | Path) -> Path:
+    """Where a model's profile and plans are cached: its folder's (or hub name's) last part, for
+    people, plus its identity (`models.model_identity`: a digest of its config and weights), so two
+    models in folders of the same name get two caches and a copied or moved model keeps its own."""
+    ref = str(model) if isinstance(model, (str, Path)) else str(getattr(model, "name_or_path", "") or "")
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(ref).expanduser().name) or "model"
+    return cache_root() / "moa" / f"{name}-{model_identity(model)[:16]}"
 
 
 def plan_file(folder: Path, density: float, lengths: list[int], extend_length: int | None = None) -> Path:
@@ -336,24 +382,46 @@ def plan_file(folder: Path, density: float, lengths: list[int], extend_length: i
     return folder / f"plan-density{density:.4f}-at{'-'.join(map(str, served))}{extension}.json"
 
 
+def _usable_plan(path: Path, identity: str) -> bool:
+    """A plan file that parses and was searched from this model's profile."""
+    try:
+        return path.exists() and Plan.load(path).model == identity
+    except (OSError, ValueError, TypeError):
+        return False  # torn, tampered or of an earlier version: searched again
+
+
+def _usable_profile(path: Path, identity: str) -> Profile | None:
+    if not path.exists():
+        return None
+    try:
+        return Profile.load(path, identity)
+    except ProfileError as error:
+        print(f"moa: {error}", file=sys.stderr, flush=True)
+        return None
+
+
 def build_plan(model: PreTrainedModel, density: float, lengths: list[int]) -> Path:
     """The plan file for (model, density, served lengths): searched from the model's profile, which
-    is made first if this machine has none. One process builds under a file lock; others wait."""
-    folder = moa_folder(str(model.name_or_path))
+    is made first if this machine has none (or has one that does not load safely or is of another
+    model). One process builds under a file lock; others wait."""
+    identity = model_identity(model)
+    folder = moa_folder(model)
     path = plan_file(folder, density, lengths)
-    if path.exists():
+    if _usable_plan(path, identity):
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            profile_path = folder / "profile.pt"
-            if not profile_path.exists():
+        if not _usable_plan(path, identity):
+            profile_path = folder / PROFILE_FILE
+            profile = _usable_profile(profile_path, identity)
+            if profile is None:
                 print(f"moa: profiling {model.name_or_path} once at {DEFAULT_LENGTHS} tokens; cached in {folder}",
                       file=sys.stderr, flush=True)
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(str(model.name_or_path))
-                profile_model(model, tokenizer, DEFAULT_LENGTHS).save(profile_path)
-            search_plan(Profile.load(profile_path), density, lengths).save(path)
+                profile = profile_model(model, tokenizer, DEFAULT_LENGTHS)
+                profile.save(profile_path)
+            search_plan(profile, density, lengths).save(path)
     return path

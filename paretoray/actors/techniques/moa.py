@@ -21,22 +21,28 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from paretoray.actors import artifacts
+from paretoray.actors.models import model_identity
 from paretoray.actors.moa_plan import BLOCK, Plan
 from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.elastic_attention import ElasticSpans
 
+# Keyed by the model's identity (models.model_identity), not its name: two models named alike differ.
 _PLANS: dict[tuple[str, float, tuple[int, ...]], Plan] = {}  # (model, density, served lengths) -> plan
 _SERVING: dict[tuple[str, float], tuple[int, ...]] = {}  # (model, density) -> lengths of the trial prepared last
 
 
 def plan_for(model: PreTrainedModel, density: float, lengths: list[int] | tuple[int, ...]) -> Plan:
     """The model's plan at this density for these served lengths (built by the installed builder if needed)."""
-    key = (str(model.name_or_path), round(density, 4), tuple(sorted(set(lengths))))
+    identity = model_identity(model)
+    key = (identity, round(density, 4), tuple(sorted(set(lengths))))
     if key not in _PLANS:
         path = artifacts.provide("moa_plan", model=model, density=density, lengths=list(key[2]))
         plan = Plan.load(path)
         if plan.sinks != BLOCK:
             raise ValueError(f"{path}: sinks {plan.sinks} != {BLOCK}")
+        if plan.model not in (None, identity):  # None: a plan made ahead by hand, trusted as before
+            raise ValueError(f"{path}: the MoA plan was searched for another model; build it for this one "
+                             "(`paretoray moa profile`, then `paretoray moa plan`)")
         _PLANS[key] = plan
     return _PLANS[key]
 
@@ -50,12 +56,13 @@ class MoA(ElasticSpans):
 
     name = "moa"
     examples = {"covers": {"density": 1.0}, "compresses": {"density": 0.8}}  # 64-token blocks: 0.8 is the least at 160 tokens
+    trial_timeout_s = 7200.0  # the first trial may profile the model's heads (minutes to an hour on a CPU)
 
     def sinks(self) -> int:
         return BLOCK
 
     def _key(self, model: PreTrainedModel) -> tuple[str, float]:
-        return str(model.name_or_path), round(self.density, 4)
+        return model_identity(model), round(self.density, 4)
 
     def prepare(self, model: PreTrainedModel, served_lengths: list[int]) -> None:
         """Fetch the plan for the trial's prompt lengths; the trial's generations use it, whatever
