@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from paretoray.actors.models import model_identity
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.specdec_pp import _HEADS, AcceptanceHead, model_fingerprint
 from paretoray.recipes.acceptance_head import collect_pairs, pairs_for_sequence, train_acceptance_head, weighted_soft_ce
@@ -90,6 +91,7 @@ def test_a_trained_head_records_its_pair_and_temperature_and_specdec_pp_uses_it(
     recorded = json.loads((folder / "acceptance_head.json").read_text())["trained_for"]
     assert recorded["temperature"] == 0.0 and recorded["target"] == model_fingerprint(target)
     assert recorded["draft"] == model_fingerprint(draft)
+    assert recorded["target_identity"] == model_identity(target) and recorded["draft_identity"] == model_identity(draft)
     _HEADS.pop(str(folder), None)
     ids = torch.randint(4, target.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
     expected = target.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 30:].tolist()

@@ -123,3 +123,23 @@ def test_the_technique_refuses_a_plan_searched_for_another_model(tiny_model, tmp
     with pytest.raises(ValueError, match="another model"):
         build_technique("moa", {"density": 0.8}).prepare(model, [300])
     assert Plan.load(tmp_path / "plan.json").model == "f" * 64
+
+
+def test_a_registry_draft_distilled_from_another_target_is_not_current(two_llamas, tmp_path, monkeypatch):
+    """The draft records its target's identity; a target whose weights changed makes it stale."""
+    import json
+
+    from paretoray.actors import models
+    from paretoray.actors.registry import RECIPE_FILE, DistilledDraft, recipe_stamp
+
+    target = shutil.copytree(two_llamas[0], tmp_path / "target")
+    entry = DistilledDraft(target=str(target), layers=1, steps=1, head_vocab=8, head_steps=1, description="test")
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    (folder / "acceptance_head.safetensors").write_bytes(b"")
+    (folder / RECIPE_FILE).write_text(recipe_stamp(entry))
+    assert models.draft_is_current(folder, entry)  # an earlier version's draft, which recorded no target
+    (folder / models.TARGET_FILE).write_text(json.dumps({"identity": model_identity(str(target))}))
+    assert models.draft_is_current(folder, entry)
+    save_tiny_llama(target, seed=5)  # another model in the target's folder
+    assert not models.draft_is_current(folder, entry)

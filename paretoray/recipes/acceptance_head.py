@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from paretoray.actors.generation import with_cache
+from paretoray.actors.models import model_identity
 from paretoray.actors.prompts import as_chat
 from paretoray.actors.techniques.specdec_pp import AcceptanceHead, model_fingerprint
 from paretoray.actors.techniques.speculative import DraftHead, draft_hidden
@@ -175,6 +176,7 @@ def train_acceptance_head(target: PreTrainedModel, draft: PreTrainedModel, token
     held = max(1, hidden.shape[0] // 10)
     head, loss = train_head(hidden[held:], labels[held:], steps, seed=seed)
     head.trained_for = {"temperature": temperature, "draft": model_fingerprint(draft), "target": model_fingerprint(target),
+                        "draft_identity": model_identity(draft), "target_identity": model_identity(target),
                         "mixing_ratio": mixing_ratio, "reject_weight": REJECT_WEIGHT}
     report = HeadReport(pairs=int(hidden.shape[0]), observed_acceptance=float(labels.mean()), temperature=temperature,
                         steps=steps, final_loss=loss, calibration=calibration(head, hidden[:held], labels[:held]),

@@ -4,6 +4,7 @@ file lock, the others wait for it), says so on stderr, and returns the artifact'
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from paretoray.actors.artifacts import Builder
-from paretoray.actors.registry import RECIPE_FILE, is_built, recipe_stamp
+from paretoray.actors.registry import RECIPE_FILE, recipe_stamp
 from paretoray.paths import cache_root
 
 
@@ -27,7 +28,9 @@ def machine_lock(folder: Path, name: str) -> Iterator[None]:
 
 def registry_draft(name: str) -> Path:
     """The registry draft `name` (paretoray.actors.registry.DRAFTS) and its acceptance head, built on
-    first use (minutes on a CPU) and cached; a draft cached by another recipe is rebuilt."""
+    first use (minutes on a CPU) and cached; a draft cached by another recipe, or distilled from
+    another target (its `model_identity` is recorded beside it), is rebuilt."""
+    from paretoray.actors.models import TARGET_FILE, draft_is_current, model_identity
     from paretoray.actors.registry import DRAFTS
 
     entry = DRAFTS[name]
@@ -35,7 +38,7 @@ def registry_draft(name: str) -> Path:
     recipe = recipe_stamp(entry)
 
     def built() -> bool:
-        return is_built(target, entry)
+        return draft_is_current(target, entry)
 
     if built():
         return target
@@ -57,6 +60,7 @@ def registry_draft(name: str) -> Path:
         draft = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(model.device).eval()
         train_acceptance_head(model, draft, tokenizer, staging, prompts=entry.head_prompts, steps=entry.head_steps,
                               temperature=entry.head_temperature, seed=entry.seed)
+        (staging / TARGET_FILE).write_text(json.dumps({"target": entry.target, "identity": model_identity(model)}))
         (staging / RECIPE_FILE).write_text(recipe)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

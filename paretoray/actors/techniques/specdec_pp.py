@@ -18,7 +18,9 @@ classes, class 0 = rejected, class 1 = accepted. The reference builds its blocks
 `[ResBlock(h)] * num_layers`, one module repeated, so the blocks share their weights; we keep that.
 It is trained by `paretoray train-acceptance-head` (`paretoray.recipes.acceptance_head`) and
 stored beside the draft as `acceptance_head.safetensors` with `acceptance_head.json`, which also
-records what it was trained for: the temperature and the draft/target pair (`model_fingerprint`).
+records what it was trained for: the temperature and the draft/target pair, by their identities
+(`paretoray.actors.models.model_identity`, a digest of config and weights; heads of earlier
+versions record only `model_fingerprint`, their shapes and embedding scale, and are checked by it).
 A head used at another temperature warns; a head trained for another pair is refused.
 """
 
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from paretoray.actors.models import model_identity
 from paretoray.actors.techniques.base import param, register
 from paretoray.actors.techniques.speculative import TEMPERATURE, DraftPolicy, Speculative
 
@@ -56,7 +59,8 @@ class AcceptanceHead(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int = 3, trained_for: dict | None = None):
         super().__init__()
         self.config = {"hidden_size": hidden_size, "num_layers": num_layers}
-        # {"temperature": T, "draft": fingerprint, "target": fingerprint}; None: not recorded
+        # {"temperature": T, "draft": fingerprint, "target": fingerprint, "draft_identity": model_identity,
+        #  "target_identity": model_identity}; None: not recorded
         self.trained_for = trained_for
         block = ResidualBlock(hidden_size)  # one block applied num_layers times, as the reference does
         self.model = nn.Sequential(*([block] * num_layers), nn.Linear(hidden_size, 2))
@@ -98,7 +102,12 @@ class AcceptanceHead(nn.Module):
                           "retrain it with `paretoray train-acceptance-head`", stacklevel=3)
             return
         for role, model in (("draft", draft), ("target", target)):
-            why = fingerprint_mismatch(self.trained_for[role], model)
+            recorded = self.trained_for.get(f"{role}_identity")
+            if recorded is not None:  # the exact model (config and weights)
+                seen = model_identity(model)
+                why = None if recorded == seen else f"identity {recorded[:16]} there, {seen[:16]} here"
+            else:  # a head of an earlier version: its shapes and embedding scale
+                why = fingerprint_mismatch(self.trained_for[role], model)
             if why:
                 raise ValueError(f"{where}: the acceptance head was trained for another {role} ({why}); "
                                  "retrain it for this pair with `paretoray train-acceptance-head`")
