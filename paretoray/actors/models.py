@@ -267,7 +267,10 @@ def model_identity(model: PreTrainedModel | str | Path) -> str:
     from transformers import AutoConfig
 
     if isinstance(model, (str, Path)):
-        ref, config, stamp = str(model), AutoConfig.from_pretrained(str(model)), None
+        try:
+            ref, config, stamp = str(model), AutoConfig.from_pretrained(str(model)), None
+        except Exception as error:  # transformers raises OSError, ValueError, ...: say which model
+            raise ModelLoadError(f"model {str(model)!r}: its config did not load: {type(error).__name__}: {error}") from error
     else:
         ref, config = str(getattr(model, "name_or_path", "") or ""), model.config
         stamp = (ref, tuple(p._version for p in model.parameters()))

@@ -51,7 +51,6 @@ profiles again when the cached profile is refused.
 from __future__ import annotations
 
 import fcntl
-import math
 import pydoc
 import sys
 import time
