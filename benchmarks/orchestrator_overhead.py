@@ -84,7 +84,9 @@ def run_paretoray(model_dir: Path, home: Path, name: str, actors: int, trials: i
         f"<{name}>",
     )
     started = time.perf_counter()
-    result = Controller(spec, resolve_stores(tracking_uri, storage, home=str(home))).run(progress=False)
+    from paretoray.dashboards import live_report_html
+
+    result = Controller(spec, resolve_stores(tracking_uri, storage, home=str(home)), report=live_report_html).run(progress=False)
     return {
         "trials": result.trials_run,
         "trials_per_s": result.trials_run / result.loop_s,
@@ -142,7 +144,7 @@ def store_breakdown(home: Path, trials: int, tracking_uri: str | None = None, st
                   "env": {"device": "cpu", "torch": "x", "ray": ray.__version__}}
         run_id = step("mlflow trial run", lambda: recorder.log_trial(parent, trial.number, record, spec_json, may_exist=False))
 
-        def attributes():  # what Controller._finish stores on the trial
+        def attributes():  # what SweepBook.finish stores on the trial
             for key, value in (("mlflow_run_id", run_id), ("technique", "noop"), ("label", "noop"),
                                ("params", record["params"]), ("actor", record["actor"]), ("metrics", metrics)):
                 trial.set_user_attr(key, value)

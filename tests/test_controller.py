@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from paretoray.orchestrator.controller import Controller, make_sampler
+from paretoray.orchestrator.book import SweepBook, configurations, make_sampler
 from paretoray.orchestrator.spec import grid_size, parse, search_space
 from paretoray.orchestrator.stores import resolve_stores
 
@@ -33,7 +33,7 @@ def test_every_sampler_builds_and_suggests_a_conditional_space(name):
     s = spec(name)
     study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(s))
     controller_space = search_space(s)
-    from paretoray.orchestrator.controller import suggest
+    from paretoray.orchestrator.book import suggest
 
     for _ in range(4):
         trial = study.ask()
@@ -49,32 +49,35 @@ def test_grid_size_counts_the_conditional_tree():
     assert grid_size(search_space(spec("grid"))) == 1 + 2 * 2
 
 
+def in_memory_book(tmp_path) -> SweepBook:
+    """A book whose study lives in memory (ask and its repeat bookkeeping need no store)."""
+    book = SweepBook(spec("random"), resolve_stores(home=str(tmp_path)))
+    book.study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(book.spec))
+    return book
+
+
 def test_repeated_configurations_are_not_measured_twice(tmp_path):
-    controller = Controller(spec("random"), resolve_stores(home=str(tmp_path)))
-    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(controller.spec))
+    book = in_memory_book(tmp_path)
+    study = book.study
     measured = []
     for _ in range(5):  # exactly the size of the grid: every configuration once
-        trial, technique, params = controller._ask_new(study)
+        trial = book.ask().trial
         measured.append(json.dumps(trial.params, sort_keys=True))
         study.tell(trial, [1.0, 0.5])
     assert len(set(measured)) == 5
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert all(t.user_attrs["repeat_of_measured_config"] for t in pruned)
     # The space is exhausted now: after the bound, a repeat is run rather than looping forever.
-    trial, _, _ = controller._ask_new(study, max_repeats=3)
+    trial = book.ask(max_repeats=3).trial
     assert json.dumps(trial.params, sort_keys=True) in measured
 
 
 def test_a_failed_forced_repeat_does_not_forget_the_trial_that_measured_it(tmp_path):
-    from paretoray.orchestrator.controller import _configurations
-
-    controller = Controller(spec("random"), resolve_stores(home=str(tmp_path)))
-    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(controller.spec))
+    book = in_memory_book(tmp_path)
     for _ in range(5):  # the whole grid, measured
-        trial, _, _ = controller._ask_new(study)
-        study.tell(trial, [1.0, 0.5])
-    seen = _configurations(study)
-    trial, _, _ = controller._ask_new(study, seen, max_repeats=3)  # exhausted: a measured configuration again
+        book.study.tell(book.ask().trial, [1.0, 0.5])
+    book._seen = configurations(book.study)
+    trial = book.ask(max_repeats=3).trial  # exhausted: a measured configuration again
     key = json.dumps(trial.params, sort_keys=True)
-    seen[key] -= 1  # what the trial loop does when that repeat fails
-    assert seen[key] == 1  # still measured by its first trial: not proposed as new
+    book._seen[key] -= 1  # what `finish` does when that repeat fails
+    assert book._seen[key] == 1  # still measured by its first trial: not proposed as new

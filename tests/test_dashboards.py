@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from plotly.offline import get_plotlyjs
 
-from paretoray.dashboards import REPORT_FILE
+from paretoray.dashboards import REPORT_FILE, live_report_html
 from paretoray.dashboards.data import (
     ReportError,
     collect_sweep,
@@ -30,8 +30,8 @@ from paretoray.dashboards.data import (
 )
 from paretoray.dashboards.render import render_report
 from paretoray.orchestrator import cli
-from paretoray.orchestrator.controller import PARENT_ATTR, SPEC_ATTR, Controller, make_sampler
-from paretoray.orchestrator.recorder import Recorder
+from paretoray.names import SPEC_ATTR
+from paretoray.orchestrator.book import SweepBook
 from paretoray.orchestrator.spec import parse
 from paretoray.orchestrator.stores import resolve_stores
 
@@ -122,27 +122,21 @@ def run_fake_sweep(stores, data: dict, make_record=passkey_record, snapshot_afte
     """The controller's loop without Ray: ask, build the runner's record here, finish, refresh the
     front (here only where a test looks at it, and at the end, as the controller always does)."""
     spec = parse(data, f"<{data['name']}>")
-    controller = Controller(spec, stores, spec_text="# test\n")
-    recorder = Recorder(stores, controller.name)
-    study = optuna.create_study(study_name=controller.name, storage=controller.storage, sampler=make_sampler(spec),
-                                directions=[spec.objectives[o] for o in controller.objectives])
-    study.set_user_attr(SPEC_ATTR, controller.spec_json)
-    study.set_user_attr("paretoray.objectives", controller.objectives)
-    parent = recorder.start_sweep(controller.spec_json, None)
-    study.set_user_attr(PARENT_ATTR, parent)
+    book = SweepBook(spec, stores, "# test\n", report=live_report_html)
+    book.open(resume=False)
     snapshot = None
     for i in range(spec.trials):
-        trial, technique, params = controller._ask_new(study)
-        record = make_record(trial.number, technique, params, data["workload"].get("context_lengths", []))
-        if failing and (technique, params.get("window")) == failing:
+        ticket = book.ask()
+        record = make_record(ticket.number, ticket.technique, ticket.params, data["workload"].get("context_lengths", []))
+        if failing and (ticket.technique, ticket.params.get("window")) == failing:
             record = record | {"status": "failed", "error": "RuntimeError: boom", "traceback": "Traceback: boom"}
-        controller._finish(study, recorder, parent, trial, record)
+        book.finish(ticket, record)
         if snapshot_after is not None and i + 1 == snapshot_after:
-            recorder.update_front(parent, study, controller.objectives)
-            snapshot = logged_report(stores, parent)
-    recorder.update_front(parent, study, controller.objectives, final=True)
-    recorder.finish_sweep(parent)
-    return study, parent, snapshot
+            book.recorder.update_front(book.parent, book.study, book.objectives)
+            snapshot = logged_report(stores, book.parent)
+    book.refresh_front(final=True)
+    book.close()
+    return book.study, book.parent, snapshot
 
 
 def logged_report(stores, parent: str) -> str:

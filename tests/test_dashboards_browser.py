@@ -78,7 +78,9 @@ def sweep(ray_session, tiny_model_dir, tmp_path_factory):
         "trials": 1 + len(WINDOWS),
         "actors": {"count": 2, "num_cpus": 1},
     }, f"<{NAME}>")
-    Controller(spec, stores, spec_text="# browser test\n").run(progress=False)
+    from paretoray.dashboards import live_report_html
+
+    Controller(spec, stores, spec_text="# browser test\n", report=live_report_html).run(progress=False)
     return stores
 
 

@@ -35,7 +35,9 @@ def test_actor_failure_is_one_line_and_prefers_the_loaders_reason():
 
 def test_front_tags_every_trial_and_artifacts_only_when_asked(tmp_path):
     stores = resolve_stores(home=str(tmp_path))
-    recorder = Recorder(stores, "front")
+    from paretoray.dashboards import live_report_html
+
+    recorder = Recorder(stores, "front", report=live_report_html)
     spec_json = {"model": {"id": "m", "dtype": "auto"}, "workload": {"task": "passkey", "context_lengths": [128],
                  "samples_per_length": 1}, "sampler": {"name": "random"}, "trials": 3, "actors": {"count": 1},
                  "techniques": {"noop": {}}, "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize"},

@@ -71,7 +71,9 @@ def test_sweep_records_trials_and_front(ray_session, tiny_model_dir, tmp_path, c
     stores = resolve_stores(home=str(tmp_path / "runs"))
     techniques = {"dense": {}, "driver_only_test": {}, "streaming_llm": {"n_sink": 2, "window": [8, 32, 512]}}
     spec = spec_for(tiny_model_dir, "e2e", 5, techniques, sampler={"name": "grid", "seed": 0})
-    result = Controller(spec, stores, spec_text="# e2e\n").run(progress=False)
+    from paretoray.dashboards import live_report_html
+
+    result = Controller(spec, stores, spec_text="# e2e\n", report=live_report_html).run(progress=False)
     assert result.trials_finished == 5
 
     study = optuna.load_study(study_name="e2e", storage=stores.storage)
@@ -264,3 +266,68 @@ def test_bad_data_fails_before_ray_naming_file_line_and_column(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "workload.path" in err and "bad.jsonl" in err and "line 2" in err and "answer" in err
     assert "Traceback" not in err and time.perf_counter() - started < 30
+
+
+def alive_trial_runners() -> list:
+    from ray._private import state
+
+    return [a for a in state.actors().values() if a.get("State") == "ALIVE" and "TrialRunner" in str(a.get("ActorClassName"))]
+
+
+def test_hung_trials_time_out_are_retried_then_recorded_failed_and_no_actor_outlives_the_sweep(ray_session, tiny_model_dir, tmp_path):
+    """10 trials of which 3 hang (an hour's sleep) with `trial_timeout_s: 10`: each hung attempt's actor
+    is killed and replaced, the trial retried once, then recorded failed "timed out"; the 7 others
+    complete; the whole sweep ends within 2 minutes and leaves no actor alive."""
+    from paretoray.orchestrator.book import SweepBook
+
+    data = noop_spec(tiny_model_dir, "hung", trials=10, count=2, sleep_s=0.0)
+    data["techniques"]["noop"]["sleep_s"] = [0.2, 3600.0]
+    data["actors"]["trial_timeout_s"] = 10
+    spec = parse(data, "<hung>")
+    stores = resolve_stores(home=str(tmp_path))
+    book = SweepBook(spec, stores)
+    book.open(resume=False)
+    hung = {1, 4, 7}
+    for i in range(10):  # which trials hang, fixed
+        book.study.enqueue_trial({"technique": "noop", "noop.sleep_s": 3600.0 if i in hung else 0.2, "noop.knob": i / 10})
+    book.close()
+
+    started = time.monotonic()
+    result = Controller(spec, stores).run(resume=True, progress=False)
+    assert time.monotonic() - started < 120
+    assert (result.trials_finished, result.trials_failed, result.trials_timed_out) == (10, 3, 6)
+    study = optuna.load_study(study_name="hung", storage=stores.storage)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert sorted(t.params["noop.sleep_s"] for t in failed) == [3600.0] * 3
+    assert all("timed out on 2 attempt(s)" in t.user_attrs["error"] for t in failed)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 7
+    deadline = time.monotonic() + 20
+    while alive_trial_runners() and time.monotonic() < deadline:  # ray.kill is asynchronous
+        time.sleep(0.5)
+    assert alive_trial_runners() == []
+
+
+def test_an_error_escaping_the_runner_counts_as_a_dead_actor(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """A sticky CUDA error re-raised outside the trial's own handling arrives as a task error: the
+    actor is replaced and the trial retried, then recorded failed, and the sweep goes on."""
+    from paretoray.orchestrator import dispatcher
+
+    data = noop_spec(tiny_model_dir, "escapes", trials=3, count=1, sleep_s=0.0)
+    spec = parse(data, "<escapes>")
+    stores = resolve_stores(home=str(tmp_path))
+    sent = []
+    original = dispatcher.Dispatcher._send
+
+    def send(self, dispatch, actor):
+        original(self, dispatch, actor)
+        sent.append(dispatch.ticket.number)
+        if dispatch.ticket.number == 0:  # this trial's call is replaced by one that raises in the actor
+            ref = next(r for r, d in self.in_flight.items() if d is dispatch)
+            del self.in_flight[ref]
+            self.in_flight[actor.handle.run_trial.remote(None)] = dispatch  # fails before its try
+
+    monkeypatch.setattr(dispatcher.Dispatcher, "_send", send)
+    result = Controller(spec, stores).run(progress=False)
+    assert (result.trials_finished, result.trials_failed, result.trials_retried, result.actors_replaced) == (3, 1, 1, 2)
+    failed = [t for t in optuna.load_study(study_name="escapes", storage=stores.storage).trials if t.state == TrialState.FAIL]
+    assert "raised outside the trial runner" in failed[0].user_attrs["error"]

@@ -25,7 +25,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
 from paretoray.orchestrator import pareto
-from paretoray.orchestrator.recorder import RECORD_FILE
+from paretoray.names import OBJECTIVES_ATTR, PARENT_ATTR, RECORD_FILE, SPEC_ATTR
 MIN_TRIALS_FOR_IMPORTANCE = 5
 # Workload fields that change what a trial measures; `fidelity` only adds a metric, and
 # `min_dense_accuracy` only decides when the report warns that the task is too hard for the model.
@@ -343,10 +343,9 @@ def collect_sweep(
     finished: bool = False,
 ) -> SweepData:
     """A sweep as a report sees it. `client` is an MlflowClient on the sweep's tracking store."""
-    from paretoray.orchestrator.controller import PARENT_ATTR, SPEC_ATTR  # the controller imports us via the recorder
 
     spec = spec or study.user_attrs.get(SPEC_ATTR) or {}
-    objectives = list(study.user_attrs.get("paretoray.objectives") or [f"objective_{i}" for i in range(len(study.directions))])
+    objectives = list(study.user_attrs.get(OBJECTIVES_ATTR) or [f"objective_{i}" for i in range(len(study.directions))])
     directions = {name: d.name.lower() for name, d in zip(objectives, study.directions)}
     parent_run_id = parent_run_id or study.user_attrs.get(PARENT_ATTR)
     notes: list[str] = []

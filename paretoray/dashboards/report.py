@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from paretoray.dashboards.data import ReportError, SweepData, collect_sweep, combine
 from paretoray.dashboards.render import DEFAULT_MLFLOW_URL, render_report
+from paretoray.names import REPORT_FILE  # noqa: F401  (re-exported by paretoray.dashboards)
 from paretoray.orchestrator.stores import Stores, redact, strip_credentials
 
-REPORT_FILE = "report.html"
 
 
 def default_mlflow_url(tracking_uri: str) -> str:

@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from paretoray.names import RECORD_FILE, REPORT_FILE, ROLE_TAG, SAMPLES_FILE, SWEEP_TAG, TRIAL_TAG  # noqa: F401 (re-exported)
 from paretoray.orchestrator import pareto
 from paretoray.orchestrator.stores import Stores, redact
 
-TRIAL_TAG = "paretoray.trial"
-SWEEP_TAG = "paretoray.sweep"
-RECORD_FILE = "trial.json"
-SAMPLES_FILE = "samples.parquet"
+# Draws the sweep's report page: (study, client, parent run id, records cache, tracking URI, finished) -> HTML.
+# The caller that composes the application passes one in (paretoray.dashboards.live_report_html); the
+# recorder does not import the dashboards, which read what it writes.
+ReportRenderer = Callable[[optuna.Study, MlflowClient, str, dict, str, bool], str]
 
 
 def _param_text(value: Any) -> str:
@@ -44,7 +46,12 @@ def _flat_params(record: dict[str, Any]) -> dict[str, str]:
 
 
 class Recorder:
-    def __init__(self, stores: Stores, sweep: str):
+    def __init__(self, stores: Stores, sweep: str, report: ReportRenderer | None = None):
+        self.report = report
+        if redact(stores.tracking_uri) != stores.tracking_uri:
+            # A tracking server's client prints "View run ... at: URI/#/..." for each finished run,
+            # the URI with its credentials.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=stores.tracking_uri)
         self.tracking_uri = stores.tracking_uri
         self.sweep = sweep
@@ -87,6 +94,13 @@ class Recorder:
         if spec_text is not None:
             self.client.log_text(run_id, redact(spec_text), "spec.yaml")
         return run_id
+
+    def sweep_runs(self) -> list:
+        """This sweep's parent runs, newest first (more than one only after an interrupted creation)."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
 
     def reopen_sweep(self, parent_run_id: str) -> None:
         self.client.update_run(parent_run_id, status="RUNNING")
@@ -219,10 +233,10 @@ class Recorder:
     def _write_report(self, study: optuna.Study, parent_run_id: str, folder: Path, final: bool) -> str | None:
         """The sweep's report page (paretoray.dashboards) written in `folder`: its file name, or None
         if it could not be drawn (a sweep never stops for that)."""
-        from paretoray.dashboards import REPORT_FILE, live_report_html  # plotly loads only when a report is drawn
-
+        if self.report is None:
+            return None
         try:
-            html = live_report_html(study, self.client, parent_run_id, self._records, self.tracking_uri, finished=final)
+            html = self.report(study, self.client, parent_run_id, self._records, self.tracking_uri, final)
             (folder / REPORT_FILE).write_text(html, encoding="utf-8")
             return REPORT_FILE
         except Exception as error:

@@ -79,16 +79,32 @@ class Stores:
             raise StoreError(f"no sweep named {name!r} in {redact(self.storage)}; known: {', '.join(known) or 'none'}")
         return optuna.load_study(study_name=name, storage=storage)
 
-    def optuna_storage(self) -> BaseStorage:
+    @property
+    def journal(self) -> Path | None:
+        """The journal file when the study storage is Optuna's journal (None: a database)."""
         url = self.storage
         if url.startswith("journal:") or url.endswith((".log", ".journal")):
-            path = Path(url.removeprefix("journal:").removeprefix("//"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+            return Path(url.removeprefix("journal:").removeprefix("//"))
+        return None
+
+    def optuna_storage(self) -> BaseStorage:
+        url = self.storage
+        if self.journal is not None:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(self.journal)))
         sqlite = _sqlite_path(url)
         if sqlite is not None:
             write_ahead_log(sqlite)
-        return RDBStorage(url, heartbeat_interval=None)
+        # SQLite's default lock wait (5 s) is too short for a controller writing while `results`, the
+        # report or the MLflow UI read; PostgreSQL: a connection that cannot be made fails in 10 s.
+        connect_args = {"timeout": 60} if sqlite is not None else {"connect_timeout": 10} if url.startswith("postgresql") else {}
+        return RDBStorage(url, heartbeat_interval=None, engine_kwargs={"connect_args": connect_args} if connect_args else None)
+
+    def lease(self, name: str):
+        """Take sweep `name`'s controller lease (see lease.py); raises lease.LeaseHeld."""
+        from paretoray.orchestrator import lease
+
+        return lease.acquire(name, self.storage, self.journal)
 
 
 def write_ahead_log(path: Path) -> None:
