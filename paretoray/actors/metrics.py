@@ -128,12 +128,36 @@ Aggregation = Mean | Median | Max | RatioOfMeans | RatioOfSums | Reciprocal
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a trial must have for a metric to be reported at all (beyond samples that give a value).
+
+    Read by the spec check: an objective or a constraint on a metric that one of the swept techniques
+    would never report for the sweep's workload is refused before anything runs (`unproduced`).
+    Every technique that runs the model reports the runner's shared columns (scores, timings, bytes,
+    target calls); what more a metric needs is said here.
+    """
+
+    without_model: bool = False  # also returned by a technique that does no model work (`measure_without_model`)
+    workload: tuple[str, ...] = ()  # workload switches that must be on (`fidelity`)
+    capabilities: tuple[str, ...] = ()  # technique capability flags that must be true (`Technique.capabilities()`)
+    stats: tuple[str, ...] = ()  # per-sample statistics the technique must declare in `Technique.reports`
+
+
+# Why a capability is needed, in words (unproduced's messages).
+_CAPABILITY_TEXT = {
+    "measures_fidelity": "fidelity is measured only for lossy techniques and the reference: a lossless technique's "
+    "output is dense's by construction",
+}
+
+
+@dataclass(frozen=True)
 class Metric:
     """A figure a trial reports: its direction, and how a trial's per-sample rows combine into it.
 
     `aggregate` is None for metrics set directly by a technique that does no model work (noop).
     With `broken_down`, the value is also reported for each context length as `NAME/ctxN` and for
-    each group of a suite (`NAME/GROUP`, e.g. `accuracy/variable_tracking`).
+    each group of a suite (`NAME/GROUP`, e.g. `accuracy/variable_tracking`). `needs` says which
+    techniques and workloads report it at all.
     """
 
     name: str
@@ -142,6 +166,7 @@ class Metric:
     doc: str
     aggregate: Aggregation | None = None
     broken_down: bool = False
+    needs: Needs = Needs()
 
     @property
     def direction(self) -> str:
@@ -156,27 +181,28 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("accuracy", True, "fraction", "the task's score (exact match, recall, F1...), mean over samples, with a 95% interval",
-               Mean("accuracy", interval=True), broken_down=True),
+               Mean("accuracy", interval=True), broken_down=True, needs=Needs(without_model=True)),
         Metric("dense_accuracy", True, "fraction", "the dense model's accuracy on the same samples, measured in the same trial",
                Mean("dense_accuracy"), broken_down=True),
         Metric("relative_accuracy", True, "x", "accuracy / dense_accuracy on the same samples (paired bootstrap interval)",
                RatioOfMeans("accuracy", "dense_accuracy", interval=True)),
         Metric("fidelity", True, "fraction", "teacher-forced next-token agreement with the dense model's continuation",
-               Mean("fidelity", interval=True)),
+               Mean("fidelity", interval=True), needs=Needs(workload=("fidelity",), capabilities=("measures_fidelity",))),
         Metric("output_match", True, "fraction", "samples whose generated tokens equal the dense model's own greedy output",
                Mean("output_match")),
         Metric("latency_ms_per_token", False, "ms", "median over samples of each sample's median decode step (first token excluded)",
-               Median("latency_ms_per_token")),
+               Median("latency_ms_per_token"), needs=Needs(without_model=True)),
         Metric("dense_latency_ms_per_token", False, "ms", "the same for dense, timed back to back with the technique",
                Median("dense_latency_ms_per_token")),
         Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), broken_down=True),
         Metric("dense_ttft_ms", False, "ms", "the same for dense, timed back to back with the technique", Median("dense_ttft_ms")),
-        Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token")),
+        Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token"),
+               needs=Needs(without_model=True)),
         Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
                Max("kv_cache_bytes", scale=1 / 2**20)),
         Metric("kv_density", False, "fraction", "sparse attention (moa, uniform_window): KV entries kept / dense entries "
                "at each sample's prompt length, over all layers and KV heads; mean over samples (per length: kv_density/ctxN)",
-               Mean("kv_density"), broken_down=True),
+               Mean("kv_density"), broken_down=True, needs=Needs(stats=("kv_density",))),
         Metric("peak_memory_mb", False, "MiB", "CUDA max allocated on GPU, process peak RSS on CPU (largest sample)",
                Max("peak_memory_mb")),
         Metric("speedup", True, "x", "median over samples of the paired ratio dense ms/token / technique ms/token "
@@ -185,13 +211,13 @@ METRICS: dict[str, Metric] = {
         Metric("ttft_speedup", True, "x", "median over samples of the paired ratio dense TTFT / technique TTFT",
                Median("ttft_speedup", interval=True)),
         Metric("acceptance_rate", True, "fraction", "speculative: draft tokens accepted / draft tokens proposed",
-               RatioOfSums(("accepted",), "drafted"), broken_down=True),
+               RatioOfSums(("accepted",), "drafted"), broken_down=True, needs=Needs(stats=("accepted", "drafted"))),
         Metric("tokens_per_target_call", True, "tokens", "speculative: tokens committed per verification, bonus or resampled token included",
-               RatioOfSums(("accepted", "target_calls"), "target_calls")),
+               RatioOfSums(("accepted", "target_calls"), "target_calls"), needs=Needs(stats=("accepted",))),
         Metric("target_calls_per_token", False, "calls", "target forwards per generated token after the first (autoregressive: 1)",
                RatioOfSums(("target_calls",), "new_tokens", offset=1.0)),
         Metric("draft_calls_per_token", False, "calls", "speculative: draft forwards per generated token",
-               RatioOfSums(("draft_calls",), "new_tokens", offset=1.0)),
+               RatioOfSums(("draft_calls",), "new_tokens", offset=1.0), needs=Needs(stats=("draft_calls",))),
     ]
 }
 
@@ -216,6 +242,46 @@ def metric_direction(name: str) -> str | None:
     if metric is None or (slash and not (metric.broken_down and part and not part.endswith(INTERVAL_SUFFIXES))):
         return None  # a breakdown (accuracy/ctx1024, accuracy/niah) exists only for broken-down metrics
     return metric.direction
+
+
+def _parts(name: str) -> tuple[Metric | None, str, str]:
+    """(registry entry, interval suffix, breakdown part) of a metric name; no entry when unknown."""
+    for suffix in INTERVAL_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
+            return METRICS[name.removesuffix(suffix)], suffix, ""
+    base, _, part = name.partition("/")
+    return METRICS.get(base), "", part
+
+
+def unproduced(name: str, capabilities: dict[str, Any], workload: Any, task: Any = None) -> str | None:
+    """Why a technique with these `capabilities` (`Technique.capabilities()`) never reports metric
+    `name` on `workload`, or None when it does (given samples that yield a value). With the configured
+    `task`, a breakdown (`NAME/ctxN`, `NAME/GROUP`) must also name one of its lengths or groups.
+    Unknown names are `metric_direction`'s to refuse: None here."""
+    metric, suffix, part = _parts(name)
+    if metric is None:
+        return None
+    needs = metric.needs
+    if not capabilities.get("uses_model", True):
+        reported = [m.name for m in METRICS.values() if m.needs.without_model]
+        if suffix or part or not needs.without_model:
+            return f"a technique that does no model work reports only {', '.join(reported)}"
+        return None
+    for switch in needs.workload:
+        if not getattr(workload, switch, False):
+            return f"needs workload.{switch}: true"
+    for flag in needs.capabilities:
+        if not capabilities.get(flag):
+            return _CAPABILITY_TEXT.get(flag, f"needs a technique with {flag}")
+    missing = [stat for stat in needs.stats if stat not in capabilities.get("reports", ())]
+    if missing:
+        return f"needs per-sample {', '.join(missing)}, which the technique does not report"
+    if part and task is not None:
+        lengths = [f"ctx{n}" for n in task.context_lengths] if task.has_lengths else []
+        known = lengths + list(getattr(task, "groups", []))
+        if part not in known:
+            return f"no breakdown {part!r} in this workload" + (f" (it has {', '.join(known)})" if known else "")
+    return None
 
 
 def aggregate(rows: list[Row], lengths: list[int] | None = None) -> dict[str, float]:

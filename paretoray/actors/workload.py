@@ -19,7 +19,7 @@ from paretoray.actors.tasks import Task, available_tasks, build_task
 
 class Workload(BaseModel):
     # Unknown keys are the task's settings (checked by the task's Config, with field paths).
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
 
     task: str = Field("passkey", description="a registered task (`paretoray tasks` lists them)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the samples (and subsets) the task builds")

@@ -181,28 +181,35 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.sweep_command == "validate":  # the spec alone: neither Ray, Optuna nor MLflow is loaded
+        from paretoray.orchestrator.spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(args.spec)
+        except SpecError as error:
+            return _fail(str(error))
+        print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
+        return 0
     from paretoray.orchestrator.controller import Controller, SweepError, study_exists
-    from paretoray.orchestrator.spec import SpecError, load_spec
+    from paretoray.orchestrator.spec import SpecError, check_name, check_trials, load_spec, read_spec_text
     from paretoray.orchestrator.stores import StoreError, redact, resolve_stores
 
     try:
-        if args.sweep_command == "validate":
-            spec = load_spec(args.spec)
-            print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
-            return 0
+        check_trials(args.trials)  # as the spec's `trials`: 1 to spec.MAX_TRIALS
         if args.sweep_command == "run":
             spec = load_spec(args.spec)  # before anything is created: a bad file leaves no trace
+            if args.name:  # checked as the spec's `name` (it names folders: no `..`, no `/`)
+                spec = spec.model_copy(update={"name": check_name(args.name)})
             stores = resolve_stores(args.tracking_uri, args.storage)
-            if args.name:
-                spec = spec.model_copy(update={"name": args.name})
             resume = args.resume_if_exists and study_exists(stores.optuna_storage(), spec.name)
             if resume:
                 print(f"sweep {spec.name!r} exists: resuming it", file=sys.stderr)
                 controller = Controller.for_resume(spec.name, stores)
             else:
-                controller = Controller(spec, stores, spec_text=args.spec.read_text())
+                controller = Controller(spec, stores, spec_text=read_spec_text(args.spec))
             result = controller.run(resume=resume, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
         else:
+            check_name(args.name, "NAME")
             stores = resolve_stores(args.tracking_uri, args.storage)
             controller = Controller.for_resume(args.name, stores)
             result = controller.run(resume=True, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
@@ -280,11 +287,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _techniques() -> int:
-    from paretoray.actors.techniques import available_techniques
+    from paretoray.actors.declarations import technique_declarations  # cached: no torch unless the sources changed
 
-    for name, cls in available_techniques().items():
-        print(f"{name}  ({cls.phase})  {(cls.__module__ and sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
-        for key, param in cls.params.items():
+    for name, declared in technique_declarations().items():
+        print(f"{name}  ({declared.phase})  {declared.summary}")
+        for key, param in declared.params.items():
             print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
     return 0
 

@@ -2,13 +2,22 @@
 
 Structure is checked by pydantic (strict, no unknown keys); meaning is checked against the
 registries: technique names and their declared parameter ranges, metric names and their
-directions, workload task names. Every error names the file, the field path and what was expected.
+directions (and whether every swept technique reports them), workload task names, the model's
+context window. Every error names the file, the field path and what was expected.
+
+Every input gets an answer in bounded time and memory: the file is read up to `MAX_FILE_BYTES`
+as UTF-8, YAML is read by a safe loader that refuses duplicate keys, nesting deeper than
+`MAX_DEPTH`, more than `MAX_ALIASES` aliases and documents that expand beyond `MAX_NODES` nodes;
+numbers must be finite and integers below 2**63 in magnitude; an error's text is capped. Nothing
+here imports torch: technique declarations come from `paretoray.actors.declarations`.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,31 +25,66 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from paretoray.actors.metrics import metric_direction, metric_names
+from paretoray.actors.declarations import Param, technique_declarations
+from paretoray.actors.metrics import metric_direction, metric_names, unproduced
 from paretoray.actors.tasks import task_class
-from paretoray.actors.techniques import Param, available_techniques
 from paretoray.actors.workload import Workload
+
+MAX_FILE_BYTES = 1 << 20  # a sweep file is a few KB
+MAX_DEPTH = 32  # nested mappings and lists
+MAX_ALIASES = 64  # YAML aliases (*name) in one file
+MAX_NODES = 100_000  # values in the document once every alias is expanded
+MAX_INT = 2**63  # integers anywhere in a spec: |x| < MAX_INT
+MAX_NAME = 100  # characters of a sweep's name
+MAX_TRIALS = 100_000
+MAX_SEED = 2**32 - 1  # what numpy's and Optuna's samplers take
+MAX_GRID_POINTS = 1_000_000  # values of one stepped range
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# An error's text: at most this many problems, each line cut to this many characters.
+MAX_PROBLEMS_SHOWN = 20
+MAX_LINE = 400
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlong = 40
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
+_short.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """repr of any input, bounded in length and in the time it takes (a nested or aliased structure too)."""
+    try:
+        return _short.repr(value)
+    except Exception:  # a number too long for str(), say
+        return f"<{type(value).__name__}>"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class SpecError(ValueError):
-    """An invalid sweep file: every problem with its field path."""
+    """An invalid sweep file: every problem with its field path. Its text is capped (a few KB)."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
+    def __init__(self, source: str, problems: list[tuple[str, str]], kind: str = "invalid sweep spec"):
         self.source, self.problems = source, problems
-        lines = [f"{source}: invalid sweep spec ({len(problems)} problem{'s' if len(problems) != 1 else ''})"]
-        lines += [f"  {path or '<file>'}: {message}" for path, message in problems]
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        lines = [_cut(f"{source}: {kind} ({count})", MAX_LINE)]
+        lines += [_cut(f"  {path or '<file>'}: {message}", MAX_LINE) for path, message in problems[:MAX_PROBLEMS_SHOWN]]
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
         super().__init__("\n".join(lines))
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
-    id: str = Field(description="registry name (smollm2-135m), local directory, or Hugging Face id")
+    id: str = Field(min_length=1, max_length=4096, description="registry name (smollm2-135m), local directory, or Hugging Face id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str = "sdpa"
-    draft: str | None = Field(None, description="draft model for speculative techniques (same tokenizer): registry name (smollm2-135m-draft, built on first use), path or hub id")
+    attn_implementation: str = Field("sdpa", max_length=100)
+    draft: str | None = Field(None, min_length=1, max_length=4096, description="draft model for speculative techniques (same tokenizer): registry name (smollm2-135m-draft, built on first use), path or hub id")
 
 
 # The workload section: the settings every task shares, plus the task's own (validated by `validate`
@@ -50,20 +94,26 @@ WorkloadSpec = Workload
 
 class SamplerSpec(_Strict):
     name: Literal["nsga2", "tpe", "gp", "random", "grid"] = "nsga2"
-    seed: int | None = 0
-    population_size: int | None = Field(None, ge=2, description="nsga2 only")
-    n_startup_trials: int | None = Field(None, ge=1, description="tpe and gp only")
+    seed: int | None = Field(0, ge=0, le=MAX_SEED)
+    population_size: int | None = Field(None, ge=2, le=MAX_TRIALS, description="nsga2 only")
+    n_startup_trials: int | None = Field(None, ge=1, le=MAX_TRIALS, description="tpe and gp only")
 
 
 class ActorsSpec(_Strict):
-    count: int = Field(1, ge=1)
+    count: int = Field(1, ge=1, le=4096)
     num_gpus: float = Field(
-        0.0, ge=0,
+        0.0, ge=0, le=64,
         description="GPUs per actor: a fraction (0.25) packs small models on one GPU; a whole number > 1 reserves "
         "that many GPUs on one node as a placement group",
     )
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: float = Field(1.0, gt=0, le=1024)
     spread: bool = Field(False, description="place actors on as many nodes as possible (Ray's SPREAD strategy)")
+    trial_timeout_s: float | Literal["auto"] = Field(
+        "auto",
+        description="seconds a trial may run before its actor is killed and replaced and the trial retried (then "
+        "recorded failed 'timed out'); auto: each technique family's declared timeout until the technique has "
+        "finished a trial in this sweep, then 10x its slowest (at least 300 s, at most the declared)",
+    )
     max_trial_retries: int = Field(
         1, ge=0, le=10, description="times a trial whose actor died is sent to another actor before it is recorded failed"
     )
@@ -78,15 +128,15 @@ class ActorsSpec(_Strict):
 
 
 class SweepSpec(_Strict):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = ""
+    name: str | None = Field(None, max_length=MAX_NAME, pattern=NAME_PATTERN)
+    description: str = Field("", max_length=10_000)
     model: ModelSpec
     workload: WorkloadSpec
-    techniques: dict[str, dict[str, Any]] = Field(min_length=1)
-    objectives: dict[str, Literal["minimize", "maximize"]] = Field(min_length=1)
-    constraints: list[str] = []
+    techniques: dict[str, dict[str, Any]] = Field(min_length=1, max_length=64)
+    objectives: dict[str, Literal["minimize", "maximize"]] = Field(min_length=1, max_length=16)
+    constraints: list[str] = Field([], max_length=64)
     sampler: SamplerSpec = SamplerSpec()
-    trials: int = Field(ge=1)
+    trials: int = Field(ge=1, le=MAX_TRIALS)
     actors: ActorsSpec = ActorsSpec()
 
     @field_validator("model", mode="before")
@@ -97,11 +147,11 @@ class SweepSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, model: ModelSpec) -> ModelSpec:
-        from paretoray.actors.models import looks_like_path, registry_names
+        from paretoray.actors.registry import is_local, looks_like_path, registry_names
 
         for ref in (model.id, model.draft):
-            if ref and ref not in registry_names() and looks_like_path(ref) and not Path(ref).expanduser().is_dir():
-                raise ValueError(f"no such model directory {ref!r}; registry names: {', '.join(registry_names())}")
+            if ref and ref not in registry_names() and looks_like_path(ref) and not is_local(ref):
+                raise ValueError(f"no such model directory {short_repr(ref)}; registry names: {', '.join(registry_names())}")
         return model
 
     @field_validator("techniques", mode="before")
@@ -197,7 +247,7 @@ def _dimension(path: str, name: str, declared: Param, entry: Any, problems: list
             log = entry.get("log", declared.log)
             step = entry.get("step")
             if not isinstance(log, bool):
-                problems.append((f"{path}.log", f"expected true or false, got {log!r}"))
+                problems.append((f"{path}.log", f"expected true or false, got {short_repr(log)}"))
                 ok = False
             if ok and entry["low"] > entry["high"]:
                 problems.append((path, f"low ({entry['low']}) must not exceed high ({entry['high']})"))
@@ -205,11 +255,15 @@ def _dimension(path: str, name: str, declared: Param, entry: Any, problems: list
             if ok and log and entry["low"] <= 0:
                 problems.append((f"{path}.low", f"a log-scale range needs low > 0, got {entry['low']}"))
                 ok = False
-            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
-                problems.append((f"{path}.step", f"expected a positive number, got {step!r}"))
+            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                                     or step <= 0 or abs(step) >= MAX_INT):
+                problems.append((f"{path}.step", f"expected a positive number, got {short_repr(step)}"))
                 ok = False
             if ok and step is not None and log:
                 problems.append((path, "use either log or step, not both"))
+                ok = False
+            if ok and step is not None and (entry["high"] - entry["low"]) / step + 1 > MAX_GRID_POINTS:
+                problems.append((f"{path}.step", f"{step} makes more than {MAX_GRID_POINTS:,} values in [{entry['low']}, {entry['high']}]"))
                 ok = False
             if not ok:
                 return None
@@ -229,7 +283,7 @@ def _dimension(path: str, name: str, declared: Param, entry: Any, problems: list
 def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
     """Each technique's dimensions, checked against what the technique declares."""
     problems: list[tuple[str, str]] = []
-    registry = available_techniques()
+    registry = technique_declarations()
     space: dict[str, list[Dimension]] = {}
     for technique, body in spec.techniques.items():
         if technique not in registry:
@@ -257,13 +311,16 @@ def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
 def constraints(spec: SweepSpec) -> list[Constraint]:
     parsed, problems = [], []
     for i, text in enumerate(spec.constraints):
-        match = _CONSTRAINT.match(text)
+        match = _CONSTRAINT.match(text) if len(text) <= 200 else None
         if not match:
-            problems.append((f"constraints[{i}]", f"expected 'METRIC >= NUMBER' or 'METRIC <= NUMBER', got {text!r}"))
+            problems.append((f"constraints[{i}]", f"expected 'METRIC >= NUMBER' or 'METRIC <= NUMBER', got {short_repr(text)}"))
             continue
         metric, op, bound = match.groups()
         if metric_direction(metric) is None:
-            problems.append((f"constraints[{i}]", f"unknown metric {metric!r}; available: {', '.join(metric_names())}"))
+            problems.append((f"constraints[{i}]", f"unknown metric {short_repr(metric)}; available: {', '.join(metric_names())}"))
+            continue
+        if not math.isfinite(float(bound)):
+            problems.append((f"constraints[{i}]", f"expected a finite bound, got {bound}"))
             continue
         parsed.append(Constraint(metric, op, float(bound)))  # type: ignore[arg-type]
     if problems:
@@ -273,7 +330,7 @@ def constraints(spec: SweepSpec) -> list[Constraint]:
 
 def _check_objectives(spec: SweepSpec) -> list[tuple[str, str]]:
     problems = []
-    registry = available_techniques()
+    registry = technique_declarations()
     needing = [name for name in spec.techniques if name in registry and registry[name].needs_draft]
     if needing and spec.model.draft is None:
         problems.append(("model.draft", f"{', '.join(needing)} need a draft model: set model: {{id: ..., draft: PATH}}"))
@@ -285,42 +342,247 @@ def _check_objectives(spec: SweepSpec) -> list[tuple[str, str]]:
             problems.append(
                 (f"objectives.{name}", f"expected {expected} ({name} is {'higher' if expected == 'maximize' else 'lower'}-is-better), got {direction}")
             )
-        if name == "fidelity" and not spec.workload.fidelity:
-            problems.append((f"objectives.{name}", "needs workload.fidelity: true"))
     return problems
 
 
-def _check_task(spec: SweepSpec) -> list[tuple[str, str]]:
-    """The task's own settings against its Config, then its input files (read, not tokenized)."""
+def _check_produced(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
+    """An objective or a constraint must name a metric that every swept technique reports on this
+    workload (as the metric's registry entry declares): otherwise every trial of some technique would
+    miss it (a KeyError, or a constraint no trial can meet)."""
+    registry = technique_declarations()
+    swept = {name: registry[name] for name in spec.techniques if name in registry}
+    named = [(f"objectives.{name}", name) for name in spec.objectives]
+    for i, text in enumerate(spec.constraints):
+        match = _CONSTRAINT.match(text) if len(text) <= 200 else None
+        if match:
+            named.append((f"constraints[{i}]", match.group(1)))
+    problems = []
+    for path, metric in named:
+        if metric_direction(metric) is None:
+            continue  # refused as unknown already
+        missing: dict[str, list[str]] = {}
+        for technique, declared in swept.items():
+            why = unproduced(metric, declared.capabilities, spec.workload, task)
+            if why:
+                missing.setdefault(why, []).append(technique)
+        for why, techniques in missing.items():
+            problems.append((path, f"{metric} is never reported by {', '.join(techniques)}: {why}"))
+    return problems
+
+
+def _check_window(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
+    """Each requested context length plus its generation budget must fit the model's window (read from
+    its config without loading it; unknown windows, a hub model not on this machine, are not checked)."""
+    from paretoray.actors.registry import model_window
+
+    requests = task.length_requests()
+    window = model_window(spec.model.id) if requests else None
+    if window is None:
+        return []
+    too_long: dict[tuple[str, int], list[int]] = {}
+    for field, length, budget in requests:
+        budget = spec.workload.max_new_tokens or budget
+        if length + budget > window:
+            too_long.setdefault((field, budget), []).append(length)
+    return [(f"workload.{field}", f"{', '.join(map(str, lengths))} prompt tokens + {budget} new tokens exceed the context window of "
+             f"{short_repr(spec.model.id)} ({window} tokens)") for (field, budget), lengths in too_long.items()]
+
+
+def _check_task(spec: SweepSpec) -> tuple[list[tuple[str, str]], Any]:
+    """The task's own settings against its Config, then its input files (read, not tokenized), then
+    its lengths against the model's window. Returns the problems and the configured task (None if invalid)."""
     workload = spec.workload
     try:
         config = task_class(workload.task).Config.model_validate(workload.task_settings())
     except ValidationError as error:
-        return _pydantic_problems(error, prefix="workload.")
+        return _pydantic_problems(error, prefix="workload."), None
     task = task_class(workload.task)(config)
     if task.budgets_per_sample and workload.max_new_tokens is not None:
         return [("workload.max_new_tokens", f"task {task.name!r} takes a budget per entry (tasks.NAME.max_new_tokens), "
-                 "not one for the whole workload")]
-    return [(f"workload.{field}" if field else "workload", message) for field, message in task.check()]
+                 "not one for the whole workload")], task
+    problems = [(f"workload.{field}" if field else "workload", message) for field, message in task.check()]
+    return problems + _check_window(spec, task), task
 
 
 def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """Semantic checks; raises SpecError with every problem found."""
-    problems = _check_task(spec) + _check_objectives(spec)
+    problems, task = _check_task(spec)
+    problems += _check_objectives(spec)
     for check in (search_space, constraints):
         try:
             check(spec)
         except SpecError as error:
             problems += error.problems
+    problems += _check_produced(spec, task)
     if problems:
         raise SpecError(source, problems)
     return spec
 
 
-def _yaml_problem(error: yaml.YAMLError) -> tuple[str, str]:
-    mark = getattr(error, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return where, f"not valid YAML: {getattr(error, 'problem', None) or error}"
+def check_name(value: str, source: str = "--name") -> str:
+    """A sweep name as the YAML's `name` takes it (it names folders and studies: no path may escape)."""
+    problem = None
+    if not isinstance(value, str) or not value:
+        problem = "expected a non-empty name"
+    elif len(value) > MAX_NAME:
+        problem = f"at most {MAX_NAME} characters, got {len(value)}"
+    elif not re.fullmatch(NAME_PATTERN, value):
+        problem = f"expected letters, digits, '_', '.' or '-', starting with a letter or digit, got {short_repr(value)}"
+    if problem:
+        raise SpecError("command line", [(source, problem)], kind="invalid option")
+    return value
+
+
+def check_trials(value: int | None, source: str = "--trials") -> int | None:
+    """A number of trials to reach (None: the spec's): 1 to MAX_TRIALS."""
+    if value is not None and not 1 <= value <= MAX_TRIALS:
+        raise SpecError("command line", [(source, f"expected 1 to {MAX_TRIALS:,} trials, got {value}")], kind="invalid option")
+    return value
+
+
+# ---- reading a file ---------------------------------------------------------------------------
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds: nesting depth, aliases, expanded size; duplicate keys refused."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name)", event.start_mark)
+            return super().compose_node(parent, index)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES:,} values", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: keys written beside it override the merged ones, as YAML says
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                    if first is None:
+                        seen[key] = key_node.start_mark.line
+                except TypeError:
+                    continue  # unhashable: refused by the base constructor
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)} (first at line {first + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: Any) -> None:
+    """Refuse documents whose aliases expand beyond MAX_NODES values, or refer to themselves."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the value it is inside of", node.start_mark)
+        active.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        active.discard(id(node))
+        if total > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand the document beyond {MAX_NODES:,} values", node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def load_yaml(text: str) -> Any:
+    """The document in `text`, read by the bounded safe loader (raises yaml.YAMLError)."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[str, str]:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}", f"not valid YAML: {getattr(error, 'problem', None) or error}"
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+        return f"line {line}", f"not valid YAML: character {error.character!r} is not allowed ({error.reason})"
+    return "", f"not valid YAML: {error}"
+
+
+def read_spec_text(path: str | Path) -> str:
+    """A sweep file's text: at most MAX_FILE_BYTES, UTF-8 (a leading byte-order mark is dropped)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise SpecError(source, [("", f"cannot read the file: {error.strerror or error}")]) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(source, [("", f"larger than {MAX_FILE_BYTES // 1024} KiB: not a sweep file")])
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise SpecError(source, [("", "UTF-32 text (byte-order mark): save the file as UTF-8")])
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise SpecError(source, [("", "UTF-16 text (byte-order mark): save the file as UTF-8")])
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise SpecError(source, [(f"line {line}", f"not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start}; "
+                                  "save the file as UTF-8")]) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise SpecError(source, [(f"line {line}", "a NUL byte: not a text file (UTF-16 without a byte-order mark?)")])
+    return text
+
+
+def _bounded_values(data: Any, path: str = "") -> list[tuple[str, str]]:
+    """Integers below 2**63 in magnitude and finite floats, anywhere (before anything computes with them)."""
+    problems: list[tuple[str, str]] = []
+    stack = [(data, path)]
+    while stack and len(problems) < MAX_PROBLEMS_SHOWN:
+        value, where = stack.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and not -MAX_INT < value < MAX_INT:
+            problems.append((where, f"integer out of range (|x| < 2**63), got {short_repr(value)}"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((where, f"expected a finite number, got {value}"))
+        elif isinstance(value, dict):
+            stack += [(item, f"{where}.{key}" if where else str(key)) for key, item in reversed(value.items())]
+        elif isinstance(value, (list, tuple)):
+            stack += [(item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value)))]
+    return problems
 
 
 def parse(data: Any, source: str, default_name: str | None = None) -> SweepSpec:
@@ -328,6 +590,9 @@ def parse(data: Any, source: str, default_name: str | None = None) -> SweepSpec:
         raise SpecError(source, [("", f"expected a mapping at the top level, got {type(data).__name__}")])
     if default_name and "name" not in data:
         data = {**data, "name": default_name}
+    problems = _bounded_values(data)
+    if problems:
+        raise SpecError(source, problems)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as error:
@@ -341,7 +606,7 @@ def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[s
         path = prefix + ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] not in ("missing", "extra_forbidden") and "input" in item:
-            message += f" (got {str(repr(item['input']))[:200]})"
+            message += f" (got {short_repr(item['input'])})"
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         problems.append((path.rstrip("."), message))
@@ -349,14 +614,23 @@ def _pydantic_problems(error: ValidationError, prefix: str = "") -> list[tuple[s
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep YAML; the sweep's name defaults to the file's stem."""
+    """Read and validate a sweep YAML; the sweep's name defaults to the file's stem. Whatever the file
+    holds, the answer is a spec or a SpecError naming the file, in bounded time and memory."""
     path = Path(path)
+    text = read_spec_text(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpecError(str(path), [("", f"cannot read the file: {error.strerror or error}")]) from None
-    try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as error:
-        raise SpecError(str(path), [_yaml_problem(error)]) from None
-    return parse(data, str(path), default_name=path.stem)
+        raise SpecError(str(path), [_yaml_problem(error, text)]) from None
+    except RecursionError:
+        raise SpecError(str(path), [("", "not valid YAML: nested too deeply")]) from None
+    except Exception as error:  # a constructor's own error: !!int 0x_, a date that does not exist, too many digits
+        raise SpecError(str(path), [("", f"not valid YAML: {type(error).__name__}: {error}")]) from None
+    try:
+        return parse(data, str(path), default_name=path.stem)
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(str(path), [("", "nested too deeply")]) from None
+    except Exception as error:  # anything unforeseen is still an answer about this file, never a traceback
+        raise SpecError(str(path), [("", f"could not be validated: {type(error).__name__}: {error}")]) from None

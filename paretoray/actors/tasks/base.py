@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class TaskConfig(BaseModel):
     """Base of every task's settings: strict types, no unknown keys, frozen."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class LengthsConfig(TaskConfig):
@@ -165,6 +165,17 @@ class Task:
     @property
     def context_lengths(self) -> list[int]:
         return list(getattr(self.config, "context_lengths", None) or [])
+
+    @property
+    def groups(self) -> list[str]:
+        """The groups its samples fall in (a suite's entries): metrics are broken down by each."""
+        return []
+
+    def length_requests(self) -> list[tuple[str, int, int]]:
+        """(field path inside the workload, prompt tokens asked for, tokens generated after them) for each
+        requested context length: what must fit the model's window (the spec checks it before anything
+        runs). The budget is the task's own; a workload's max_new_tokens replaces it."""
+        return [("context_lengths", n, self.default_max_new_tokens) for n in self.context_lengths]
 
 
 _TASKS: dict[str, type[Task]] = {}

@@ -78,6 +78,14 @@ class Suite(Task):
     def context_lengths(self) -> list[int]:
         return sorted({n for part, _ in self.parts.values() for n in part.context_lengths})
 
+    @property
+    def groups(self) -> list[str]:
+        return list(self.parts)
+
+    def length_requests(self) -> list[tuple[str, int, int]]:
+        return [(f"tasks.{entry}.{field}", n, budget or own) for entry, (part, budget) in self.parts.items()
+                for field, n, own in part.length_requests()]
+
     def build(self, tokenizer: Any, seed: int, window: int | None = None) -> list[Sample]:
         samples = []
         for entry, (part, budget) in self.parts.items():

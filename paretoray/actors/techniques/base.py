@@ -13,59 +13,17 @@ decoding does).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from paretoray.actors.declarations import Param, ParamKind
 from paretoray.actors.generation import Generation, greedy_generate
-
-ParamKind = Literal["int", "float", "categorical"]
-
-
-@dataclass(frozen=True)
-class Param:
-    """One hyperparameter of a technique: its kind, the range it is meaningful in, its default."""
-
-    kind: ParamKind
-    default: Any
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[Any, ...] | None = None
-    log: bool = False  # a natural log-scale range: sweeps default to sampling it on a log scale
-    doc: str = ""
-
-    def check(self, value: Any) -> str | None:
-        """Return why `value` is not allowed, or None when it is."""
-        if self.kind == "categorical":
-            return None if value in (self.choices or ()) else f"expected one of {list(self.choices or ())}, got {value!r}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"expected a number, got {value!r}"
-        if self.kind == "int" and not float(value).is_integer():
-            return f"expected an integer, got {value!r}"
-        if self.kind == "float" and not math.isfinite(value):
-            return f"expected a finite number, got {value!r}"
-        if self.low is not None and value < self.low:
-            return f"expected >= {self.low}, got {value!r}"
-        if self.high is not None and value > self.high:
-            return f"expected <= {self.high}, got {value!r}"
-        return None
-
-    def describe(self) -> str:
-        if self.kind == "categorical":
-            return f"one of {list(self.choices or ())}"
-        scale = ", log" if self.log else ""
-        return f"{self.kind} in [{self.low}, {self.high}]{scale}"
-
-    def field(self) -> Any:
-        """This parameter as a dataclass field: its default, and itself in the field's metadata (where
-        `register` finds it). Shared parameters are module-level `Param`s declared with `.field()`."""
-        return dataclasses.field(default=self.default, metadata={"param": self})
 
 
 def param(
@@ -217,6 +175,27 @@ class Technique:
     # "compresses" (where meaningful) keeps clearly fewer KV bytes than dense. Values are written
     # with at most 4 significant digits, so that `label` round-trips them exactly.
     examples: ClassVar[dict[str, dict[str, Any]]] = {"covers": {}}
+    # Per-sample statistics its generations add to a trial's rows (`Generation.stats` keys) beyond the
+    # runner's own columns: a metric aggregated from them exists only for techniques that declare
+    # them (`metrics.Needs.stats`; the spec refuses an objective no swept technique would report).
+    reports: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        """The class-level flags sweeps are checked against, as plain data (what
+        `paretoray.actors.declarations` keeps without torch; flags that depend on an instance's
+        parameters, as snapkv's kv_within_dense, are not among them).
+        `measures_fidelity`: the runner teacher-forces dense's continuation through it when the
+        workload asks for fidelity (the reference scores 1 by definition; a lossless technique's
+        argmax is dense's, so nothing is measured and it reports no fidelity)."""
+        return {
+            "uses_model": cls.uses_model,
+            "needs_draft": cls.needs_draft,
+            "lossless": cls.lossless,
+            "is_reference": cls.is_reference,
+            "measures_fidelity": cls.is_reference or not cls.lossless,
+            "reports": list(cls.reports),
+        }
 
     def __post_init__(self) -> None:
         problems = [f"{key}: {why}" for key, spec in self.params.items() if (why := spec.check(getattr(self, key)))]

@@ -207,6 +207,7 @@ class ElasticSpans(Technique):
     """Base of per-head sink + span techniques: subclasses say each layer's spans for a prompt length."""
 
     phase = "sparse-attention"
+    reports = ("target_calls", "kv_density")  # see generate
 
     def sinks(self) -> int:
         raise NotImplementedError

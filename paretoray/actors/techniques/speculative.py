@@ -168,6 +168,7 @@ class Speculative(Technique):
     lossless = True  # the verifier keeps exactly the target's own tokens
     rollback = True  # its caches are DynamicCaches, cropped back to the accepted prefix every round
     kv_within_dense = False  # kv_bytes counts the draft's cache as well as the target's
+    reports = ("drafted", "accepted", "target_calls", "draft_calls")  # SpeculativeStats
 
     def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
