@@ -535,7 +535,8 @@ def _yaml_problem(error: yaml.YAMLError, text: str) -> tuple[str, str]:
         return f"line {mark.line + 1}, column {mark.column + 1}", f"not valid YAML: {getattr(error, 'problem', None) or error}"
     if isinstance(error, yaml.reader.ReaderError):
         line = text.count("\n", 0, error.position) + 1
-        return f"line {line}", f"not valid YAML: character {error.character!r} is not allowed ({error.reason})"
+        what = f"character #x{error.character:04x}" if isinstance(error.character, int) else "a character"
+        return f"line {line}", f"not valid YAML: {what} is not allowed ({error.reason})"
     return "", f"not valid YAML: {error}"
 
 
