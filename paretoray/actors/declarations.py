@@ -213,6 +213,12 @@ def technique_declarations() -> dict[str, TechniqueDeclaration]:
     """Every registered technique's declaration, sorted by name (as `available_techniques`)."""
     if _TECHNIQUES in sys.modules or os.environ.get("PARETORAY_NO_DECLARATIONS_CACHE", "") not in ("", "0"):
         return _live()
+    return cached_declarations()
+
+
+def cached_declarations() -> dict[str, TechniqueDeclaration]:
+    """The declarations from the cache file; on a miss (none, stale, unreadable) from the registry,
+    imported once, and written for the next process."""
     key = cache_key()
     if key not in _FROM_FILE:
         path = cache_file()

@@ -33,7 +33,7 @@ from paretoray.actors.workload import Workload
 MAX_FILE_BYTES = 1 << 20  # a sweep file is a few KB
 MAX_DEPTH = 32  # nested mappings and lists
 MAX_ALIASES = 64  # YAML aliases (*name) in one file
-MAX_NODES = 100_000  # values in the document once every alias is expanded
+MAX_NODES = 10_000  # values in the document once every alias is expanded (a sweep has about 100)
 MAX_INT = 2**63  # integers anywhere in a spec: |x| < MAX_INT
 MAX_NAME = 100  # characters of a sweep's name
 MAX_TRIALS = 100_000
