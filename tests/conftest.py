@@ -75,3 +75,29 @@ def ray_cluster():
         ray.shutdown()
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    from tests.localcluster import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    import shutil
+
+    from tests.localcluster import PostgresUnavailable, short_temp_root, start_postgres
+
+    folder = short_temp_root("prpg-")
+    try:
+        url, server = start_postgres(folder)
+    except PostgresUnavailable as why:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"PostgreSQL is not available here: {why}")
+    yield url
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

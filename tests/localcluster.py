@@ -202,10 +202,11 @@ class Server:
         _kill_group(self.process)
 
 
-def start_mlflow_server(folder: Path, timeout_s: float = 120.0) -> Server:
-    """`mlflow server` on loopback, SQLite backend, artifacts proxied by the server (as on the head)."""
+def start_mlflow_server(folder: Path, timeout_s: float = 120.0, port: int | None = None) -> Server:
+    """`mlflow server` on loopback, SQLite backend, artifacts proxied by the server (as on the head).
+    `port`: restart one that was stopped, on its port and with its data."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = folder / "mlflow-server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -34,32 +34,6 @@ from tests.tiny import noop_spec
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    from tests.localcluster import start_mlflow_server
-
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    import shutil
-
-    from tests.localcluster import PostgresUnavailable, short_temp_root, start_postgres
-
-    folder = short_temp_root("prpg-")
-    try:
-        url, server = start_postgres(folder)
-    except PostgresUnavailable as why:
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"PostgreSQL is not available here: {why}")
-    yield url
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def child_runs(tracking_uri: str, experiment: str) -> list:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)

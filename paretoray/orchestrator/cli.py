@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sweep_commands.add_parser("resume", help="continue an interrupted sweep from its Optuna storage")
     resume.add_argument("name", help="the sweep's name")
     _add_run_options(resume)
+    delete = sweep_commands.add_parser(
+        "delete", help="remove a sweep from both stores (asks first)",
+        description="Removes the sweep's Optuna study and its MLflow experiment (MLflow keeps the runs in its trash "
+        "until `mlflow gc`), so that its name can be used again. Refused while a controller runs the sweep.")
+    delete.add_argument("name", help="the sweep's name")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_store_options(delete)
     validate = sweep_commands.add_parser("validate", help="check a sweep YAML without running anything")
     validate.add_argument("spec", type=Path)
 
@@ -190,7 +197,7 @@ def _sweep(args: argparse.Namespace) -> int:
             return _fail(str(error))
         print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
         return 0
-    from paretoray.orchestrator.controller import Controller, SweepError, study_exists
+    from paretoray.orchestrator.controller import Controller, SweepError, check_stores, sweep_state
     from paretoray.orchestrator.spec import SpecError, check_name, check_trials, load_spec, read_spec_text
     from paretoray.orchestrator.stores import StoreError, redact, resolve_stores
 
@@ -201,17 +208,20 @@ def _sweep(args: argparse.Namespace) -> int:
             if args.name:  # checked as the spec's `name` (it names folders: no `..`, no `/`)
                 spec = spec.model_copy(update={"name": check_name(args.name)})
             stores = resolve_stores(args.tracking_uri, args.storage)
-            resume = args.resume_if_exists and study_exists(stores.optuna_storage(), spec.name)
+            check_stores(stores)  # both answer, before anything else is read or started
+            # A half-created sweep (its controller died while creating it) ran no trial: `run` makes it again.
+            resume = args.resume_if_exists and sweep_state(stores.optuna_storage(), spec.name) == "created"
             if resume:
                 print(f"sweep {spec.name!r} exists: resuming it", file=sys.stderr)
-                controller = Controller.for_resume(spec.name, stores)
+                controller = Controller.for_resume(spec.name, stores, report=_live_report)
             else:
-                controller = Controller(spec, stores, spec_text=read_spec_text(args.spec))
+                controller = Controller(spec, stores, spec_text=read_spec_text(args.spec), report=_live_report)
             result = controller.run(resume=resume, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
         else:
             check_name(args.name, "NAME")
             stores = resolve_stores(args.tracking_uri, args.storage)
-            controller = Controller.for_resume(args.name, stores)
+            check_stores(stores)
+            controller = Controller.for_resume(args.name, stores, report=_live_report)
             result = controller.run(resume=True, trials=args.trials, ray_address=args.ray_address, progress=not args.no_progress)
     except (SpecError, StoreError) as error:
         return _fail(str(error))
@@ -228,6 +238,45 @@ def _sweep(args: argparse.Namespace) -> int:
     print(_table(pareto.front_frame(result.rows, objectives, pareto_only=True), objectives))
     print(f"\nMLflow parent run {result.parent_run_id} ({redact(stores.tracking_uri)})")
     print(f"browse it:  paretoray ui{_store_flags(args)}")
+    return 0
+
+
+def _live_report(*args):
+    """The sweep's live report page, drawn by the dashboards (imported when first drawn: plotly is slow to load)."""
+    from paretoray.dashboards import live_report_html
+
+    return live_report_html(*args)
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from paretoray.orchestrator.book import delete_sweep, study_exists
+    from paretoray.orchestrator.controller import SweepError, check_stores
+    from paretoray.orchestrator.lease import LeaseHeld
+    from paretoray.orchestrator.stores import redact, resolve_stores
+
+    stores = resolve_stores(args.tracking_uri, args.storage)
+    try:
+        check_stores(stores)
+        if not study_exists(stores.optuna_storage(), args.name):
+            stores.load_study(args.name)  # raises the StoreError that lists the sweeps there
+        lease = stores.lease(args.name)  # not while a controller runs it
+    except LeaseHeld as held:
+        return _fail(str(held), 1)
+    except SweepError as error:
+        return _fail(str(error), 1)
+    try:
+        if not args.yes:
+            if not sys.stdin.isatty():
+                return _fail(f"deleting sweep {args.name!r} needs confirmation: run it in a terminal, or add --yes")
+            answer = input(f"delete sweep {args.name!r} (its Optuna study in {redact(stores.storage)} and its MLflow "
+                           f"experiment in {redact(stores.tracking_uri)})? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        removed = delete_sweep(stores, args.name)
+    finally:
+        lease.release()
+    print(f"sweep {args.name!r} deleted: {removed}")
     return 0
 
 
@@ -252,11 +301,12 @@ def _table(frame, objectives: list[str]) -> str:
 
 
 def _results(args: argparse.Namespace) -> int:
+    from paretoray.names import OBJECTIVES_ATTR
     from paretoray.orchestrator import pareto
     from paretoray.orchestrator.stores import resolve_stores
 
     study = resolve_stores(args.tracking_uri, args.storage).load_study(args.name)
-    objectives = study.user_attrs.get("paretoray.objectives") or [f"objective_{i}" for i in range(len(study.directions))]
+    objectives = study.user_attrs.get(OBJECTIVES_ATTR) or [f"objective_{i}" for i in range(len(study.directions))]
     rows = pareto.trial_rows(study, objectives)
     if args.pareto:
         rows = [r for r in rows if r["pareto"]]
@@ -448,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "sweep" and args.sweep_command == "delete":
+        return _delete(args)
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "results":

@@ -175,6 +175,10 @@ class Technique:
     # "compresses" (where meaningful) keeps clearly fewer KV bytes than dense. Values are written
     # with at most 4 significant digits, so that `label` round-trips them exactly.
     examples: ClassVar[dict[str, dict[str, Any]]] = {"covers": {}}
+    # Seconds a trial of this family may run before the controller kills its actor (the spec's
+    # `actors.trial_timeout_s: auto`): long enough for a first trial that also builds an artifact
+    # on a CPU. After a finished trial, auto tightens it to 10x the technique's slowest.
+    trial_timeout_s: ClassVar[float] = 3600.0
     # Per-sample statistics its generations add to a trial's rows (`Generation.stats` keys) beyond the
     # runner's own columns: a metric aggregated from them exists only for techniques that declare
     # them (`metrics.Needs.stats`; the spec refuses an objective no swept technique would report).

@@ -23,6 +23,7 @@ class Noop(Technique):
     phase = "none"
     uses_model = False
     examples = {"default": {}, "high": {"knob": 0.9}}
+    trial_timeout_s = 3660.0  # its longest sleep, and a minute
 
     def measure_without_model(self) -> dict[str, float]:
         time.sleep(self.sleep_s)

@@ -165,6 +165,7 @@ class Speculative(Technique):
 
     phase = "decode"
     needs_draft = True
+    trial_timeout_s = 7200.0  # two models; SpecDec++'s first trial may train its acceptance head
     lossless = True  # the verifier keeps exactly the target's own tokens
     rollback = True  # its caches are DynamicCaches, cropped back to the accepted prefix every round
     kv_within_dense = False  # kv_bytes counts the draft's cache as well as the target's
