@@ -401,6 +401,10 @@ class SweepBook:
         return ok
 
     def _finish(self, trial: Trial, record: dict[str, Any], logged_before: bool) -> bool:
+        if logged_before:  # a retry after a store error: the tell may have been committed already
+            state = self.study._storage.get_trial(trial._trial_id).state
+            if state.is_finished():
+                return state == TrialState.COMPLETE
         values = None
         if record.get("status") == "ok":
             metrics = record.get("metrics") or {}

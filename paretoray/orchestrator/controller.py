@@ -79,7 +79,7 @@ def connect_ray(address: str | None, spec: SweepSpec) -> None:
             except ConnectionAbortedError as error:
                 if attempt == attempts:
                     raise
-                print(f"note: Ray Client at {address} refused the connection ({str(error).splitlines()[0]}); "
+                print(f"note: Ray Client at {redact(address)} refused the connection ({redact(str(error).splitlines()[0])}); "
                       f"retrying ({attempt}/{attempts - 1})", file=sys.stderr)
                 time.sleep(2.0 * attempt)
     needed = spec.actors.count * spec.actors.num_cpus
@@ -131,7 +131,7 @@ def prepare_samples(spec: SweepSpec, remote: bool = False) -> int:
         tokenizer, window = load_tokenizer(spec.model.id)
     except ModelLoadError as error:
         if remote:
-            print(f"note: samples are built by the actors ({error})", file=sys.stderr)
+            print(f"note: samples are built by the actors ({redact(error)})", file=sys.stderr)
             return 0
         raise SweepError(str(error)) from None
     workload = spec.workload
