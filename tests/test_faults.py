@@ -54,7 +54,7 @@ def parent_runs(tracking_uri: str, name: str) -> list:
 
 def assert_consistent(stores, name: str, expected: int) -> None:
     """Exactly `expected` finished trials, each with one MLflow run and each run with its trial; one parent."""
-    study = optuna.load_study(study_name=name, storage=stores.storage)
+    study = optuna.load_study(study_name=name, storage=stores.optuna_storage())
     done = finished(study)
     assert len(done) == expected, Counter(t.state.name for t in study.trials)
     runs = trial_runs(stores.tracking_uri, name)  # deleted (discarded) runs are not listed
@@ -102,32 +102,51 @@ def test_two_resumes_started_together_one_proceeds_the_other_names_it(ray_cluste
     assert_consistent(stores, name, rounds + 1)
 
 
+def sweep_progress(stores, name: str) -> tuple[str, int]:
+    """(the sweep's state: absent, half or created; its finished trials)."""
+    from paretoray.orchestrator.book import sweep_state
+
+    storage = stores.optuna_storage()
+    state = sweep_state(storage, name)
+    return state, (len(finished(optuna.load_study(study_name=name, storage=storage))) if state != "absent" else 0)
+
+
 def test_controller_killed_at_random_moments_then_resumed_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir, tmp_path):
-    """`kill -9` of the controller at 20 random moments of a 30-trial sweep (from before the sweep
-    exists, through its creation and actor start, to trials in flight and being recorded), each
-    followed by `sweep run --resume-if-exists`; the last one runs to the end."""
+    """`kill -9` of the controller at 20 random moments of a 30-trial sweep, each followed by
+    `sweep run --resume-if-exists`; the last one runs to the end. The moments are drawn from three
+    phases so that each is hit whatever the machine's speed: while it starts (before the sweep
+    exists), right after the study appears (while it is being created: spec, parent run), and
+    just after some trials finished (trials in flight, records being written)."""
     stores = resolve_stores(home=str(tmp_path / "runs"))
     spec = tmp_path / "killed.yaml"
     spec.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "killed", trials=30, count=2, sleep_s=0.3)))
     args = ["sweep", "run", str(spec), "--resume-if-exists", *store_flags(stores), "--ray-address", ray_cluster.address]
     rng = random.Random(14)
-    seen = Counter()
+    killed_at = Counter()
     for kill in range(20):
+        phase = ("starting", "creating", "trials")[kill % 3]
         with open(tmp_path / f"kill{kill}.log", "wb") as log:
             controller = start(args, log, tmp_path)
-            time.sleep(rng.uniform(1.0, 12.0))
+            _, done = sweep_progress(stores, "killed")
+            wanted = done + rng.randint(1, 3)
+            deadline = time.monotonic() + 120
+            if phase == "starting":
+                time.sleep(rng.uniform(0.5, 3.0))
+            while phase != "starting" and controller.poll() is None and time.monotonic() < deadline:
+                state, done = sweep_progress(stores, "killed")
+                if (phase == "creating" and state != "absent") or (phase == "trials" and done >= wanted):
+                    time.sleep(rng.uniform(0.0, 0.3))
+                    break
+                time.sleep(0.05)
             if controller.poll() is None:
+                killed_at[(phase, sweep_progress(stores, "killed")[0])] += 1
                 os.killpg(controller.pid, signal.SIGKILL)  # no finally, no atexit
             controller.wait(10)
-        try:
-            seen[len(finished(optuna.load_study(study_name="killed", storage=stores.storage)))] += 1
-        except KeyError:
-            seen["absent"] += 1
     with open(tmp_path / "last.log", "wb") as log:
         code = start(args, log, tmp_path).wait(300)
     assert code == 0, (tmp_path / "last.log").read_text()[-3000:]
     assert_consistent(stores, "killed", 30)
-    assert len(seen) > 3, seen  # the kills landed at many different points of the sweep
+    assert killed_at[("starting", "absent")] and killed_at[("trials", "created")], killed_at
 
 
 def test_a_tracking_server_that_goes_away_ends_the_sweep_with_the_resume_command(ray_cluster, tiny_model_dir, tmp_path):
@@ -151,7 +170,7 @@ def test_a_tracking_server_that_goes_away_ends_the_sweep_with_the_resume_command
             while True:
                 assert controller.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
                 try:
-                    if len(finished(optuna.load_study(study_name="outage", storage=stores.storage))) >= 3:
+                    if len(finished(optuna.load_study(study_name="outage", storage=stores.optuna_storage()))) >= 3:
                         break
                 except KeyError:
                     pass
