@@ -24,6 +24,7 @@ examples:
   paretoray sweep run sweeps/quickstart.yaml --ray-address auto        # join a running cluster
   paretoray sweep resume quickstart                                     # after an interruption
   paretoray sweep run sweeps/quickstart.yaml --resume-if-exists         # run, or continue if it exists
+  paretoray sweep delete qs-long                                        # both stores, after asking
   paretoray results quickstart --pareto --format json
   paretoray report quickstart -o quickstart.html                        # the sweep's report page
   paretoray report quickstart snapkv -o compare.html                    # fronts of several sweeps overlaid
