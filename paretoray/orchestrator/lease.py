@@ -97,7 +97,12 @@ class _SqlBackend:
             sa.Column("holder_id", sa.String(64), nullable=False),
             sa.Column("expires", sa.Float, nullable=False),
         )
-        meta.create_all(self.engine, checkfirst=True)
+        try:
+            meta.create_all(self.engine, checkfirst=True)
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+            # Two first controllers creating the table at once (PostgreSQL reports the loser's
+            # CREATE as a duplicate type): the other one made it.
+            meta.create_all(self.engine, checkfirst=True)
 
     def _upsert(self, conn, values: dict[str, Any], where):
         dialect = self.engine.dialect.name
