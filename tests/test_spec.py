@@ -265,7 +265,7 @@ def test_local_model_window_is_read_from_its_config(tmp_path):
          "line 9, column", "more than 64 aliases"),
         (b"a: &a [x,x,x,x,x,x,x,x,x,x]\n" + b"".join(
             f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 10)}]\n".encode() for i in range(5)),
-         "line 5, column", "aliases expand the document beyond 10,000 values"),
+         "line 4, column", "aliases expand the document beyond 10,000 values"),
         (b"a: &a [*a]\n", "line 1, column 4", "an alias refers to the value it is inside of"),
         (b"a: " + b"[" * 100_000 + b"]" * 100_000, "line 1, column 35", "nested deeper than 32 levels"),
         (b"a: {" + b"b: {" * 5000 + b"}" * 5001, "line 1, column", "nested deeper than 32 levels"),
