@@ -170,9 +170,16 @@ def test_sweep_run_against_a_dead_store_exits_1_naming_it(tmp_path, capsys):
 # ---- the lease -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "journal"])
+@pytest.fixture(params=["sqlite", "journal", pytest.param("postgresql", marks=[pytest.mark.cluster, pytest.mark.slow])])
 def lease_stores(request, tmp_path):
+    """The lease lives where the study does: a table in SQLite or PostgreSQL, a file beside the journal."""
     storage = str(tmp_path / "optuna.log") if request.param == "journal" else None
+    if request.param == "postgresql":
+        storage = f"{request.getfixturevalue('postgres_url')}/optuna"
+        backend = lease.backend_for(storage, None)  # makes the table
+        with backend.engine.begin() as conn:  # rows an earlier run of these tests left
+            conn.exec_driver_sql("DELETE FROM paretoray_leases WHERE sweep IN ('x', 'y')")
+        backend.close()
     return resolve_stores(home=str(tmp_path / "runs"), storage=storage)
 
 
@@ -197,8 +204,8 @@ time.sleep(600)
 
 
 def test_a_holder_killed_on_this_machine_frees_the_sweep_at_once(lease_stores, tmp_path):
-    journal = str(lease_stores.journal) if lease_stores.journal else ""
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "runs"), journal], stdout=subprocess.PIPE, text=True)
+    storage = "" if lease_stores.storage.startswith("sqlite") else lease_stores.storage
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "runs"), storage], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(lease.LeaseHeld, match=rf"pid {child.pid} "):

@@ -146,7 +146,7 @@ def test_killed_actor_trial_is_retried_then_recorded_failed(ray_cluster, tiny_mo
     trials = {t.number: t for t in study.trials}
     failed = trials[always]
     assert failed.state == TrialState.FAIL
-    assert "actor died 2 time(s) (max_trial_retries 1)" in failed.user_attrs["error"]
+    assert "actor died on 2 attempt(s) (max_trial_retries 1)" in failed.user_attrs["error"]
     assert all(f"actor pid {killed[(always, n)]} " in failed.user_attrs["error"] for n in (1, 2))
     survived = trials[once]
     assert survived.state == TrialState.COMPLETE

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from tqdm import tqdm
@@ -29,12 +29,14 @@ from paretoray.orchestrator.book import (  # noqa: F401  (re-exported)
     StoreOutage, SweepBook, SweepError, bounded_http, check_stores, configurations, finished_trials, make_sampler,
     stored_spec, study_exists, suggest, sweep_state,
 )
-from paretoray.orchestrator.dispatcher import Dispatcher, InFlightTrial, TrialTimeouts
 from paretoray.orchestrator.lease import LeaseHeld
-from paretoray.orchestrator.pool import ActorPool, ActorStartError, PoolActor
 from paretoray.orchestrator.recorder import ReportRenderer
 from paretoray.orchestrator.spec import SpecError, SweepSpec, grid_size
 from paretoray.orchestrator.stores import Stores, redact
+
+if TYPE_CHECKING:  # the actors' code (torch, transformers: seconds) is imported when actors start, not before
+    from paretoray.orchestrator.dispatcher import Dispatcher, InFlightTrial
+    from paretoray.orchestrator.pool import PoolActor
 
 
 @dataclass
@@ -210,6 +212,9 @@ class Controller:
         stats = None
         try:
             if done_before < target:  # else: nothing to run, no Ray (a resume of a finished sweep)
+                from paretoray.orchestrator.dispatcher import Dispatcher, TrialTimeouts
+                from paretoray.orchestrator.pool import ActorPool, ActorStartError
+
                 connect_ray(ray_address, self.spec)
                 gpus = ray.cluster_resources().get("GPU", 0)
                 if ray_address is None and self.spec.actors.num_gpus > gpus:
@@ -256,7 +261,7 @@ class Controller:
 
 
 def declared_timeouts() -> dict[str, float]:
-    """Each technique's family timeout for a trial (`Technique.trial_timeout_s`)."""
-    from paretoray.actors.techniques import available_techniques
+    """Each technique's family timeout for a trial (`Technique.trial_timeout_s`), from its declarations."""
+    from paretoray.actors.declarations import technique_declarations
 
-    return {name: float(cls.trial_timeout_s) for name, cls in available_techniques().items()}
+    return {name: float(d.capabilities.get("trial_timeout_s", 3600.0)) for name, d in technique_declarations().items()}

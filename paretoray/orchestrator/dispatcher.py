@@ -67,7 +67,7 @@ class Dispatch:
     sent_at: float = 0.0
     deadline: float = math.inf
     failures: list[str] = field(default_factory=list)
-    timed_out: int = 0
+    kinds: list[str] = field(default_factory=list)  # per failure: "died", "raised" or "timed out"
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,9 @@ class Dispatcher:
         try:
             record = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:  # a lost result: its node left
-            return self._actor_failed(dispatch, f"died: {actor_failure(error)}", stats)
+            return self._actor_failed(dispatch, "died", f"died: {actor_failure(error)}", stats)
         except ray.exceptions.RayTaskError as error:  # escaped the runner's own handling: the actor may be broken
-            return self._actor_failed(dispatch, f"raised outside the trial runner: {actor_failure(error)}", stats)
+            return self._actor_failed(dispatch, "raised", f"raised outside the trial runner: {actor_failure(error)}", stats)
         record["attempts"] = len(dispatch.failures) + 1
         if dispatch.failures:
             record["actor_failures"] = list(dispatch.failures)
@@ -209,10 +209,10 @@ class Dispatcher:
         for ref, dispatch in list(self.in_flight.items()):
             if dispatch.deadline <= now:
                 del self.in_flight[ref]
-                dispatch.timed_out += 1
                 stats.timed_out += 1
                 limit = dispatch.deadline - dispatch.sent_at
-                record = self._actor_failed(dispatch, f"timed out after {limit:.0f} s (actors.trial_timeout_s); killed", stats)
+                record = self._actor_failed(dispatch, "timed out", f"timed out after {limit:.0f} s (actors.trial_timeout_s); "
+                                            "killed", stats)
                 if record is not None:
                     self.book.finish(dispatch.ticket, record)
                     stats.failed += 1
@@ -220,20 +220,22 @@ class Dispatcher:
                     if self.bar is not None:
                         self.bar.update(1)
 
-    def _actor_failed(self, dispatch: Dispatch, what: str, stats: LoopStats) -> dict[str, Any] | None:
+    def _actor_failed(self, dispatch: Dispatch, kind: str, what: str, stats: LoopStats) -> dict[str, Any] | None:
         """The actor is stopped and replaced; the trial goes back to the front of the queue (its
         Optuna trial stays RUNNING: the call is pure compute, it can run again), or, after
         `max_retries` retries, its failed record is returned."""
         where = dispatch.actor.info
         self.pool.lost(dispatch.actor)
         dispatch.failures.append(f"actor pid {where.get('pid')} on node {where.get('node_ip')} {what}")
+        dispatch.kinds.append(kind)
         if len(dispatch.failures) <= self.max_retries:
             print(f"warning: trial {dispatch.ticket.number}: {dispatch.failures[-1]}; sending it to another actor", file=sys.stderr)
             stats.retried += 1
             self.retries.appendleft(dispatch)
             return None
         failures = dispatch.failures
-        why = "timed out" if dispatch.timed_out == len(failures) else "actor failed"
+        why = {"timed out": "timed out", "died": "actor died", "raised": "actor raised"}[kind] if len(set(dispatch.kinds)) == 1 \
+            else "actor failed"
         return {
             "trial": dispatch.ticket.number,
             "technique": dispatch.ticket.technique,

@@ -199,6 +199,7 @@ class Technique:
             "is_reference": cls.is_reference,
             "measures_fidelity": cls.is_reference or not cls.lossless,
             "reports": list(cls.reports),
+            "trial_timeout_s": float(cls.trial_timeout_s),
         }
 
     def __post_init__(self) -> None:
