@@ -108,7 +108,7 @@ class ActorsSpec(_Strict):
     )
     num_cpus: float = Field(1.0, gt=0, le=1024)
     spread: bool = Field(False, description="place actors on as many nodes as possible (Ray's SPREAD strategy)")
-    trial_timeout_s: float | Literal["auto"] = Field(
+    trial_timeout_s: float | str = Field(
         "auto",
         description="seconds a trial may run before its actor is killed and replaced and the trial retried (then "
         "recorded failed 'timed out'); auto: each technique family's declared timeout until the technique has "
@@ -117,6 +117,17 @@ class ActorsSpec(_Strict):
     max_trial_retries: int = Field(
         1, ge=0, le=10, description="times a trial whose actor died is sent to another actor before it is recorded failed"
     )
+
+    @field_validator("trial_timeout_s")
+    @classmethod
+    def _timeout(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError(f"expected 'auto' or a number of seconds, got {value!r}")
+            return value
+        if not math.isfinite(value) or not 0 < value <= 7 * 86400:
+            raise ValueError(f"expected a finite number of seconds greater than 0 and at most 604800 (a week), got {value!r}")
+        return float(value)
 
     @field_validator("num_gpus")
     @classmethod
