@@ -159,61 +159,6 @@ def test_killed_actor_trial_is_retried_then_recorded_failed(ray_cluster, tiny_mo
     assert {runs[n].data.tags["paretoray.attempts"] for n in runs if n not in targets} == {"1"}
 
 
-def test_controller_killed_mid_sweep_resumes_without_rerun_or_duplicates(ray_cluster, tiny_model_dir, tmp_path):
-    spec_path = tmp_path / "resumable.yaml"
-    spec_path.write_text(yaml.safe_dump(noop_spec(tiny_model_dir, "resumable", trials=5, count=2, sleep_s=1.0)))
-    stores = resolve_stores(home=str(tmp_path / "runs"))
-    flags = ["--tracking-uri", stores.tracking_uri, "--storage", stores.storage, "--no-progress"]
-    command = [sys.executable, "-m", "paretoray.orchestrator.cli", "sweep", "run", str(spec_path),
-               "--ray-address", ray_cluster.address, *flags]
-    log = tmp_path / "controller.log"
-    with open(log, "wb") as out:
-        controller = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=tmp_path,
-                                      start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert controller.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                trials = optuna.load_study(study_name="resumable", storage=stores.storage).trials
-            except KeyError:  # not created yet
-                trials = []
-            complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            if len(complete) >= 2 and running:
-                break
-            time.sleep(0.2)
-        os.killpg(controller.pid, signal.SIGKILL)  # no chance to clean up: no finally, no atexit
-        controller.wait(10)
-    finally:
-        if controller.poll() is None:
-            os.killpg(controller.pid, signal.SIGKILL)
-
-    before = optuna.load_study(study_name="resumable", storage=stores.storage)
-    finished_before = {t.number: t.user_attrs["mlflow_run_id"] for t in before.trials if t.state == TrialState.COMPLETE}
-    running_before = {t.number: t.params for t in before.trials if t.state == TrialState.RUNNING}
-    assert len(finished_before) >= 2 and running_before
-
-    assert cli.main(["sweep", "resume", "resumable", "--ray-address", ray_cluster.address, *flags]) == 0
-
-    study = optuna.load_study(study_name="resumable", storage=stores.storage)
-    trials = {t.number: t for t in study.trials}
-    for number, run_id in finished_before.items():  # not re-run, not re-logged
-        assert trials[number].state == TrialState.COMPLETE and trials[number].user_attrs["mlflow_run_id"] == run_id
-    for number, params in running_before.items():
-        if trials[number].user_attrs.get("interrupted"):  # re-asked: its parameters ran again as a new trial
-            assert any(t.number > number and t.params == params and t.state == TrialState.COMPLETE for t in study.trials)
-        else:  # its result had reached MLflow before the kill: adopted
-            assert trials[number].state == TrialState.COMPLETE
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")]
-    assert len(finished) == 5
-    runs = child_runs(stores.tracking_uri, "resumable")
-    assert_each_trial_logged_once(runs, 5)
-    assert {r.info.run_id for r in runs} >= set(finished_before.values())
-    assert MlflowClient(stores.tracking_uri).get_run(study.user_attrs[PARENT_ATTR]).info.status == "FINISHED"
-
-
 def test_sweep_submitted_as_a_ray_job_records_to_the_tracking_server(ray_cluster, mlflow_server, tiny_model_dir, tmp_path, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna
 import ray
 from tqdm import tqdm
 
@@ -97,6 +98,11 @@ def prepare_models(spec: SweepSpec) -> None:
 
     Only for a local cluster: on a remote one each node builds its own cache on first use.
     """
+    from paretoray.actors.declarations import technique_declarations
+
+    declared = technique_declarations()
+    if not any(declared[name].uses_model for name in spec.techniques if name in declared):
+        return  # no trial loads the model (noop)
     from paretoray.actors import artifacts
     from paretoray.actors.models import ModelLoadError, resolve
     from paretoray.recipes import builders
@@ -117,14 +123,15 @@ def prepare_samples(spec: SweepSpec, remote: bool = False) -> int:
 
     On a remote cluster the driver may not have the model: then the actors build them (a note says so).
     Returns the number of samples (0: not built here)."""
+    from paretoray.actors.declarations import technique_declarations
+
+    declared = technique_declarations()
+    if not any(declared[name].uses_model for name in spec.techniques if name in declared):
+        return 0
     from paretoray.actors.models import ModelLoadError, load_tokenizer
     from paretoray.actors.tasks import TaskInputError
     from paretoray.actors.tasks.cache import cached_samples
-    from paretoray.actors.techniques import available_techniques
 
-    registry = available_techniques()
-    if not any(registry[name].uses_model for name in spec.techniques if name in registry):
-        return 0
     if remote and not Path(spec.model.id).expanduser().is_dir():
         # A registry model would be de-quantized here, on the driver, only to read its tokenizer.
         print("note: the actors build the samples (the model is not a local directory here)", file=sys.stderr)
@@ -201,9 +208,12 @@ class Controller:
         if points is not None and target > points:
             print(f"note: the grid has {points} points; running {points} trials instead of {target}", file=sys.stderr)
             target = points
-        if ray_address is None:
-            prepare_models(self.spec)
-        prepare_samples(self.spec, remote=ray_address is not None)
+        storage = self.stores.optuna_storage()
+        nothing_to_run = state == "created" and len(finished_trials(optuna.load_study(study_name=self.name, storage=storage))) >= target
+        if not nothing_to_run:  # a resume of a finished sweep only reconciles and redraws its front
+            if ray_address is None:
+                prepare_models(self.spec)
+            prepare_samples(self.spec, remote=ray_address is not None)
         book.open(resume=resume)
         done_before = book.done
         pool: ActorPool | None = None
