@@ -243,6 +243,11 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return sweep_state(storage, name) != "absent"
 
 
+def already_exists(name: str, stores: Stores) -> SweepError:
+    return SweepError(f"a sweep named {name!r} already exists in {redact(stores.storage)}; "
+                      f"continue it with `paretoray sweep resume {name}` or pick another `--name`")
+
+
 def stored_spec(stores: Stores, name: str) -> tuple[SweepSpec, str | None]:
     """The spec a sweep was created with (for resume); SweepError when there is none."""
     study = stores.load_study(name)
@@ -300,10 +305,7 @@ class SweepBook:
         storage = self.calls("Optuna study storage", "reading the sweeps", self.stores.optuna_storage)
         state = self.calls("Optuna study storage", "reading the sweeps", lambda: sweep_state(storage, self.name))
         if state == "created" and not resume:
-            raise SweepError(
-                f"a sweep named {self.name!r} already exists in {redact(self.stores.storage)}; "
-                f"continue it with `paretoray sweep resume {self.name}` or pick another `--name`"
-            )
+            raise already_exists(self.name, self.stores)
         self.recorder = self.calls("MLflow tracking store", "opening the experiment",
                                    lambda: Recorder(self.stores, self.name, report=self.report))
         if state == "half" and (not resume or SPEC_ATTR not in self.stores.load_study(self.name).user_attrs):

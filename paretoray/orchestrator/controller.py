@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from paretoray.names import PARENT_ATTR, SPEC_ATTR, SPEC_TEXT_ATTR  # noqa: F401  (re-exported for callers)
 from paretoray.orchestrator.book import (  # noqa: F401  (re-exported)
-    StoreOutage, SweepBook, SweepError, bounded_http, check_stores, configurations, finished_trials, make_sampler,
+    StoreOutage, SweepBook, SweepError, already_exists, bounded_http, check_stores, configurations, finished_trials, make_sampler,
     stored_spec, study_exists, suggest, sweep_state,
 )
 from paretoray.orchestrator.lease import LeaseHeld
@@ -197,18 +197,15 @@ class Controller:
     def _run(self, lease: Any, started: float, resume: bool, trials: int | None, ray_address: str | None,
              progress: bool) -> SweepResult:
         book = self.book
-        state = sweep_state(self.stores.optuna_storage(), self.name)
+        storage = self.stores.optuna_storage()
+        state = sweep_state(storage, self.name)
         if state == "created" and not resume:
-            raise SweepError(
-                f"a sweep named {self.name!r} already exists in {redact(self.stores.storage)}; "
-                f"continue it with `paretoray sweep resume {self.name}` or pick another `--name`"
-            )
+            raise already_exists(self.name, self.stores)  # before models and samples are prepared
         target = trials or self.spec.trials
         points = grid_size(book.space) if self.spec.sampler.name == "grid" else None
         if points is not None and target > points:
             print(f"note: the grid has {points} points; running {points} trials instead of {target}", file=sys.stderr)
             target = points
-        storage = self.stores.optuna_storage()
         nothing_to_run = state == "created" and len(finished_trials(optuna.load_study(study_name=self.name, storage=storage))) >= target
         if not nothing_to_run:  # a resume of a finished sweep only reconciles and redraws its front
             if ray_address is None:
