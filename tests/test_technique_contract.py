@@ -120,11 +120,11 @@ def cheap_builders(tiny_model, folder) -> dict:
     return {"moa_plan": moa_plan}
 
 
-def run(technique, setting, max_new_tokens: int = NEW_TOKENS):
+def run(technique, setting, max_new_tokens: int = NEW_TOKENS, **options):
     """One generation as the runner makes it: `prepare` with the served length, then `generate`."""
     extra = {"draft": setting["draft"]} if technique.needs_draft else {}
     technique.prepare(setting["model"], [PROMPT_LEN])
-    return technique.generate(setting["model"], setting["ids"], max_new_tokens, **extra)
+    return technique.generate(setting["model"], setting["ids"], max_new_tokens, **extra, **options)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, Any]:
@@ -188,6 +188,26 @@ def test_equal_to_dense_where_its_budget_covers_the_prompt(setting, name, exampl
     if example != "covers" and not technique.lossless:
         pytest.skip(f"{name} is lossy and '{example}' does not cover the prompt")
     assert run(technique, setting).tokens == setting["dense"].tokens
+
+
+@pytest.mark.parametrize("name,example", MODEL)
+def test_compiled_decoding_gives_the_eager_tokens(setting, name, example):
+    """The compiled static-shape step (torch.compile, inductor on this CPU) decodes what the eager
+    loop decodes, free-running and teacher-forced; a technique that declares it cannot compile
+    says why and decodes eagerly."""
+    technique = technique_for(name, example)
+    eager = run(technique, setting)
+    compiled = run(technique, setting, compiled=True)
+    assert compiled.compiled == technique.static_decode
+    if not technique.static_decode:
+        assert technique.static_note, f"{name}: declare static_note (why it decodes eagerly)"
+    assert compiled.tokens == eager.tokens
+    assert len(compiled.step_s) + (compiled.warmup_s > 0) <= NEW_TOKENS - 1
+    if not technique.capabilities()["measures_fidelity"]:
+        return  # the runner never teacher-forces it
+    forced = setting["dense"].tokens
+    assert run(technique, setting, forced_tokens=forced, compiled=True).agreement == run(
+        technique, setting, forced_tokens=forced).agreement
 
 
 @pytest.mark.parametrize("name,example", MODEL)

@@ -70,6 +70,7 @@ def create_actor(
     name: str | None = None,
     draft: str | None = None,
     builders: dict[str, Any] | None = None,
+    compile: bool | str = False,
 ) -> PlacedActor:
     """Start one actor hosting `model` with `placement`'s resources; returns at once (Ray schedules it).
 
@@ -102,5 +103,6 @@ def create_actor(
         threads=threads,
         draft=draft,
         builders=builders,
+        compile=compile,
     )
     return PlacedActor(handle, group)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,10 +62,78 @@ def cache_nbytes(cache: Cache) -> int:
 class Generation:
     tokens: list[int]  # generated token ids (the forced ones in teacher-forced mode)
     prefill_s: float  # time to first token: the prompt forward plus the first argmax
-    step_s: list[float] = field(default_factory=list)  # one entry per decoded token after the first
+    step_s: list[float] = field(default_factory=list)  # one entry per measured decode step after the first token
     kv_bytes: int = 0  # KV bytes held when generation ended
     agreement: float | None = None  # teacher-forced: fraction of steps whose argmax equals the forced token
     stats: dict[str, int] = field(default_factory=dict)  # technique counters (speculative: drafted, accepted, calls)
+    compiled: bool = False  # the decode steps ran through the compiled static-shape step
+    warmup_s: float = 0.0  # decode steps left out of `step_s`: compiling a new graph, recording CUDA graphs
+
+
+Step = Callable[[torch.Tensor], torch.Tensor]  # [B, 1] token ids in -> [B, 1] the next (greedy) tokens
+
+
+def prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,  # [1, prompt_len]
+    cache: Cache,
+    question_ids: torch.Tensor | None = None,  # [1, question_len]
+) -> tuple[int, float]:
+    """The prompt (or the context, then the question) through the model: the first token and the
+    time to it. Compression hooks of a technique run here, eagerly."""
+    prefill_s: list[float] = []
+    with timed(input_ids.device, prefill_s):
+        logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        if question_ids is not None:
+            logits = model(input_ids=question_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+        first = int(logits[0, -1].argmax())
+    return first, prefill_s[0]
+
+
+def eager_step(model: PreTrainedModel, cache: Cache) -> Step:
+    """One token through the model with a dynamic cache, as transformers runs it."""
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits
+        return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    return step
+
+
+def decode(
+    step: Step,
+    first_token: int,
+    steps: int,
+    device: torch.device,
+    eos_token_ids: set[int] | None = None,
+    forced_tokens: list[int] | None = None,
+    unmeasured: Callable[[int], bool] | None = None,
+) -> tuple[list[int], list[float], float, int]:
+    """The greedy decode loop: (tokens, measured step times, warm-up seconds, agreeing steps).
+
+    `unmeasured(i)`, called after step i, says the step paid for compilation or graph recording:
+    its time goes to the warm-up seconds, not to the measured steps.
+    """
+    eos = eos_token_ids or set()
+    tokens: list[int] = []
+    step_s: list[float] = []
+    warmup_s, agree = 0.0, 0
+    next_token = first_token
+    for i in range(steps):
+        if forced_tokens is not None:
+            agree += int(next_token == forced_tokens[i])
+            next_token = forced_tokens[i]
+        tokens.append(next_token)
+        if i == steps - 1 or (forced_tokens is None and next_token in eos):
+            break
+        took: list[float] = []
+        with timed(device, took):
+            next_token = int(step(torch.tensor([[next_token]], device=device)))
+        if unmeasured is not None and unmeasured(i):
+            warmup_s += took[0]
+        else:
+            step_s += took
+    return tokens, step_s, warmup_s, agree
 
 
 def greedy_generate(
@@ -77,7 +145,7 @@ def greedy_generate(
     forced_tokens: list[int] | None = None,
     question_ids: torch.Tensor | None = None,  # [1, question_len]
 ) -> Generation:
-    """Greedy decoding with an explicit cache.
+    """Greedy decoding with an explicit cache, eagerly.
 
     With `question_ids`, `input_ids` is the context alone: it is prefilled first (a compressing
     cache compresses it without seeing the question, as a cached document is served), then the
@@ -87,35 +155,12 @@ def greedy_generate(
     and reports how often its argmax agreed with them: the fidelity of a technique to the
     reference continuation, measured on identical prefixes.
     """
-    device = input_ids.device
-    eos = eos_token_ids or set()
+    first, prefill_s = prefill(model, input_ids, cache, question_ids)
     steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
-    tokens: list[int] = []
-    agree = 0
-
-    prefill_s: list[float] = []
-    with timed(device, prefill_s):
-        logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
-        if question_ids is not None:
-            logits = model(input_ids=question_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
-        next_token = int(logits[0, -1].argmax())
-
-    step_s: list[float] = []
-    for step in range(steps):
-        if forced_tokens is not None:
-            agree += int(next_token == forced_tokens[step])
-            next_token = forced_tokens[step]
-        tokens.append(next_token)
-        if step == steps - 1 or (forced_tokens is None and next_token in eos):
-            break
-        with timed(device, step_s):
-            step_input = torch.tensor([[next_token]], device=device)
-            logits = model(input_ids=step_input, **with_cache(model, cache), use_cache=True).logits
-            next_token = int(logits[0, -1].argmax())
-
+    tokens, step_s, _, agree = decode(eager_step(model, cache), first, steps, input_ids.device, eos_token_ids, forced_tokens)
     return Generation(
         tokens=tokens,
-        prefill_s=prefill_s[0],
+        prefill_s=prefill_s,
         step_s=step_s,
         kv_bytes=cache_nbytes(cache),
         agreement=(agree / steps) if forced_tokens is not None and steps else None,

@@ -46,6 +46,7 @@ class TrialRunner:
         threads: int | None = None,
         draft: str | None = None,
         builders: dict[str, Any] | None = None,
+        compile: bool | str = False,
     ):
         artifacts.install(builders)  # how this process builds a registry draft or a MoA plan on first use
         if threads:
@@ -62,6 +63,10 @@ class TrialRunner:
         self.reference = reference_technique()
         self._samples: dict[str, list[Sample]] = {}
         self._warm = False
+        # Decode through the compiled static-shape step (model.compile): True, False, or "auto",
+        # decided at the first warm-up by a paired measurement (see _decide_compile).
+        self.compile: bool | str = compile if compile in (True, False) else "auto"
+        self.env["decode"] = {True: "compiled", False: "eager"}.get(self.compile, "auto (undecided)")
 
     def describe(self) -> dict[str, Any]:
         """Where this runner lives: node, the GPUs it was given, its environment."""
@@ -143,11 +148,11 @@ class TrialRunner:
             for role in order:
                 if role == "dense":
                     runs["dense"].append(self.reference.generate(
-                        self.model, input_ids, budget, self.eos_token_ids, question_ids=question_ids))
+                        self.model, input_ids, budget, self.eos_token_ids, question_ids=question_ids, compiled=self.compile))
                     continue
                 self.memory.reset()
                 runs["technique"].append(technique.generate(
-                    self.model, input_ids, budget, self.eos_token_ids, question_ids=question_ids, **extra))
+                    self.model, input_ids, budget, self.eos_token_ids, question_ids=question_ids, compiled=self.compile, **extra))
                 peak_mb = max(peak_mb, self.memory.read_mb())
         dense, run = runs["dense"][0], runs["technique"][0]
         text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
@@ -159,7 +164,7 @@ class TrialRunner:
             fidelity = 1.0  # the reference agrees with its own continuation by definition
         elif workload.fidelity and not technique.lossless:  # a lossless decoder's argmax is dense's: nothing to measure
             forced = technique.generate(
-                self.model, input_ids, budget, forced_tokens=dense.tokens, question_ids=question_ids, **extra)
+                self.model, input_ids, budget, forced_tokens=dense.tokens, question_ids=question_ids, compiled=self.compile, **extra)
             fidelity = forced.agreement
         row: dict[str, Any] = {
             "sample_id": sample.sample_id,
@@ -178,6 +183,9 @@ class TrialRunner:
             "kv_cache_bytes": run.kv_bytes,
             "peak_memory_mb": peak_mb,
             "repeats": workload.repeats,
+            "compiled": run.compiled,  # its decode steps ran the compiled static-shape step
+            "dense_compiled": dense.compiled,
+            "decode_warmup_s": sum(r.warmup_s for r in runs["technique"]),  # steps left out: compiling, recording
             **_paired_timing(runs["dense"], runs["technique"]),
         }
         row.update(dict(run.stats) or {"target_calls": len(run.step_s)})  # plain decoding: one target forward per step
@@ -207,9 +215,36 @@ class TrialRunner:
         prompt = torch.tensor([list(samples[0].prompt_ids[:64])], device=self.device)
         if not self._warm:
             self.reference.generate(self.model, prompt, 4)
+            if self.compile == "auto":
+                self.compile = self._decide_compile(torch.tensor([list(samples[0].prompt_ids[:256])], device=self.device))
             self._warm = True
         extra = {"draft": self.draft} if technique.needs_draft else {}
-        technique.generate(self.model, prompt, 4, **extra)
+        # The technique's first generation in this mode compiles its graph here, not in sample 0.
+        technique.generate(self.model, prompt, 4, compiled=self.compile, **extra)
+
+    def _decide_compile(self, prompt: torch.Tensor, steps: int = 16, rounds: int = 3) -> bool:
+        """`compile: auto`: on CUDA, compiled (CUDA graphs remove the per-kernel launch cost of a
+        batch-1 step). Elsewhere, dense decodes `prompt` eagerly and compiled, alternated `rounds`
+        times after one compiled warm-up (which compiles and is timed apart); compiled is kept when
+        its median step is at least 10% faster. The figures go into the environment of every trial."""
+        started = time.perf_counter()
+        warm = self.reference.generate(self.model, prompt, steps, compiled=True)
+        compile_s = time.perf_counter() - started
+        if self.device.type == "cuda":
+            chosen, summary = True, "cuda: compiled with CUDA graphs"
+        else:
+            eager, compiled = [], []
+            for round_ in range(rounds):
+                for mode in ((False, True) if round_ % 2 == 0 else (True, False)):
+                    run = self.reference.generate(self.model, prompt, steps, compiled=mode)
+                    (compiled if mode else eager).extend(run.step_s)
+            eager_ms, compiled_ms = 1000 * statistics.median(eager), 1000 * statistics.median(compiled)
+            chosen = warm.compiled and compiled_ms < 0.9 * eager_ms
+            summary = (f"eager {eager_ms:.1f} ms/token, compiled {compiled_ms:.1f} ms/token at {prompt.shape[-1]} tokens "
+                       f"(first compile {compile_s:.0f} s): {'compiled' if chosen else 'eager'}")
+        self.env["decode"] = "compiled" if chosen else "eager"
+        self.env["compile_check"] = summary
+        return chosen
 
 
 def _ms_per_token(run: Generation) -> float:

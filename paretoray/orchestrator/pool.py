@@ -64,7 +64,7 @@ class ActorPool:
         model = self.spec.model
         placed = create_actor(
             model.id, self.placement, dtype=model.dtype, attn_implementation=model.attn_implementation, draft=model.draft,
-            builders=builders(),
+            builders=builders(), compile=model.compile,
         )
         self.starting[placed.handle.describe.remote()] = (placed, time.monotonic())
 

@@ -85,6 +85,12 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = Field("sdpa", max_length=100)
     draft: str | None = Field(None, min_length=1, max_length=4096, description="draft model for speculative techniques (same tokenizer): registry name (smollm2-135m-draft, built on first use), path or hub id")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="decode through a compiled static-shape step (torch.compile; CUDA graphs on a GPU), dense and "
+        "every technique that declares it can; auto: on a GPU, and on a CPU when each actor's paired check finds "
+        "it at least 10% faster per token. Compile time is recorded apart, never inside a measured step",
+    )
 
 
 # The workload section: the settings every task shares, plus the task's own (validated by `validate`

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from paretoray.actors.declarations import Param, ParamKind
-from paretoray.actors.generation import Generation, greedy_generate
+from paretoray.actors.generation import Generation, cache_nbytes, decode, eager_step, prefill
 
 
 def param(
@@ -183,6 +183,11 @@ class Technique:
     # runner's own columns: a metric aggregated from them exists only for techniques that declare
     # them (`metrics.Needs.stats`; the spec refuses an objective no swept technique would report).
     reports: ClassVar[tuple[str, ...]] = ()
+    # Decodes through the compiled static-shape step when asked (`generate(compiled=True)`):
+    # `static_cache` turns its cache into fixed-size slot buffers after the prefill
+    # (paretoray.actors.static_decode). False: it always decodes eagerly, and `static_note` says why.
+    static_decode: ClassVar[bool] = False
+    static_note: ClassVar[str] = ""
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -200,6 +205,7 @@ class Technique:
             "measures_fidelity": cls.is_reference or not cls.lossless,
             "reports": list(cls.reports),
             "trial_timeout_s": float(cls.trial_timeout_s),
+            "static_decode": cls.static_decode,
         }
 
     def __post_init__(self) -> None:
@@ -228,6 +234,18 @@ class Technique:
         """The KV cache this technique decodes with; the default is the full (dense) cache."""
         return DynamicCache(config=model.config)
 
+    def static_cache(self, model: PreTrainedModel, cache: Cache, steps: int):
+        """This technique's cache after the prefill as a `StaticDecodeCache` with room for `steps`
+        more tokens, or None to decode eagerly (a state the static rules cannot continue exactly).
+        The default converts every layer that offers `to_static(steps)`."""
+        from paretoray.actors.static_decode import StaticDecodeCache
+
+        converters = [getattr(layer, "to_static", None) for layer in cache.layers]
+        if not self.static_decode or not converters or None in converters:
+            return None
+        layers = [convert(steps) for convert in converters]
+        return None if None in layers else StaticDecodeCache(model, layers, cache.get_seq_length())
+
     @torch.inference_mode()
     def generate(
         self,
@@ -237,21 +255,43 @@ class Technique:
         eos_token_ids: set[int] | None = None,
         forced_tokens: list[int] | None = None,
         question_ids: torch.Tensor | None = None,
+        compiled: bool = False,
     ) -> Generation:
-        """Greedy prefill + decode with this technique's cache (see `greedy_generate`).
+        """Greedy prefill + decode with this technique's cache (see `generation.greedy_generate`).
 
         `question_ids` given: `input_ids` is the context only, prefilled before the question.
+        `compiled`: decode through the compiled static-shape step where the technique declares it
+        can (`static_decode`); the prefill, with its scoring and compression hooks, stays eager.
         """
+        from paretoray.actors import static_decode
+
+        device = input_ids.device
+        steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
+        static = None
         with self.applied(model) as cache:
-            return greedy_generate(
-                model,
-                input_ids,
-                cache,
-                max_new_tokens=max_new_tokens,
-                eos_token_ids=eos_token_ids,
-                forced_tokens=forced_tokens,
-                question_ids=question_ids,
-            )
+            first, prefill_s = prefill(model, input_ids, cache, question_ids)
+            if compiled:
+                static = self.static_cache(model, cache, steps)
+            if static is None:
+                tokens, step_s, warmup_s, agree = decode(
+                    eager_step(model, cache), first, steps, device, eos_token_ids, forced_tokens)
+                kv_bytes = cache_nbytes(cache)
+        if static is not None:  # the technique's hooks are off now: the step sees only the static cache
+            del cache
+            with static_decode.static_attention_installed(model):
+                tokens, step_s, warmup_s, agree = decode(
+                    static_decode.compiled_step(model, static), first, steps, device, eos_token_ids, forced_tokens,
+                    unmeasured=static_decode.warmup_watch(device))
+            kv_bytes = static.nbytes()
+        return Generation(
+            tokens=tokens,
+            prefill_s=prefill_s,
+            step_s=step_s,
+            kv_bytes=kv_bytes,
+            agreement=(agree / steps) if forced_tokens is not None and steps else None,
+            compiled=static is not None,
+            warmup_s=warmup_s,
+        )
 
     @contextmanager
     def applied(self, model: PreTrainedModel) -> Iterator[Cache]:

@@ -16,3 +16,9 @@ class Dense(Technique):
     lossless = True
     is_reference = True
     rollback = True  # transformers' DynamicCache crops exactly
+    static_decode = True
+
+    def static_cache(self, model, cache, steps):
+        from paretoray.actors.static_decode import from_dynamic
+
+        return from_dynamic(model, cache, steps)

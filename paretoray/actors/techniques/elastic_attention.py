@@ -69,6 +69,7 @@ class ElasticSpanLayer(DynamicLayer):
         self.sinks = sinks
         self.spans_of = spans_of  # prompt length -> this layer's spans [Hkv]
         self.seen = 0
+        self.lengths_seen_at_prefill = 0
         self.spans: list[int] | None = None  # per KV head, fixed at prefill
         self.capacity: list[int] = []  # per KV head: sinks + span, the most it ever holds
         self.region: list[int] = []  # per KV head: slots allocated now (<= capacity)
@@ -82,7 +83,7 @@ class ElasticSpanLayer(DynamicLayer):
         n = key_states.shape[-2]
         if self.spans is None:
             self._prefill(key_states, value_states)
-            self.seen = n
+            self.seen = self.lengths_seen_at_prefill = n
             return key_states, value_states  # the prefill attends over everything, masked per head
         if n != 1:
             raise NotImplementedError("an elastic-span cache takes one prompt, then one token per step")
@@ -169,6 +170,21 @@ class ElasticSpanLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an elastic-span cache has already evicted what a rollback would need")
 
+    def to_static(self, steps: int):
+        """Each KV head's sinks + span ring at its own capacity (no padding to the largest head);
+        runs of heads with one capacity share a group, so a uniform window is one attention call.
+        Called right after the prefill, when every head's slots are in text order."""
+        from paretoray.actors.static_decode import StaticLayer, grouped
+
+        if self.spans is None or self.seen != self.lengths_seen_at_prefill:
+            return None  # decoding began: the ring order is no longer text order
+        entries = []
+        for h, positions in enumerate(self.kept_positions()):
+            keys, values = self.head_entries(h)
+            capacity = min(self.capacity[h], len(positions) + steps)
+            entries.append((keys[:, None], values[:, None], torch.tensor(positions, device=keys.device), capacity))
+        return StaticLayer(grouped(entries, n_sink=self.sinks))
+
 
 def elastic_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Per-head sink + span attention. query [B, Hq, q, D]; key/value as the cache layer returned
@@ -207,6 +223,7 @@ class ElasticSpans(Technique):
     """Base of per-head sink + span techniques: subclasses say each layer's spans for a prompt length."""
 
     phase = "sparse-attention"
+    static_decode = True
     reports = ("target_calls", "kv_density")  # see generate
 
     def sinks(self) -> int:
@@ -232,12 +249,12 @@ class ElasticSpans(Technique):
                 for layer in range(model.config.num_hidden_layers) for span in self.layer_spans(model, layer, prompt_len)]
         return sum(kept) / (len(kept) * prompt_len)
 
-    def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None):
+    def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None, compiled=False):
         if question_ids is not None:
             raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
         prompt_len = input_ids.shape[-1]
         self.prepare_for_prompt(model, prompt_len)
-        run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens)
+        run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, compiled=compiled)
         # One target forward per decoded token, as the runner records for plain decoding when stats are empty.
         run.stats = {"target_calls": len(run.step_s), **run.stats, "kv_density": self.kv_density(model, prompt_len)}
         return run

@@ -111,6 +111,13 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be rolled back")
 
+    def to_static(self, steps: int):
+        """The kept entries plus room for `steps` decoded tokens, appended (static_decode)."""
+        from paretoray.actors.static_decode import SlotGroup, StaticLayer
+
+        kept = self.keys.shape[-2]
+        return StaticLayer([SlotGroup(self.keys, self.values, self.positions, kept + steps)], repeat=self.repeat)
+
 
 def gather(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The entries at `index` of each head, re-allocated at their new length.
@@ -176,6 +183,7 @@ class PromptCompression(Technique):
     """Base of score -> select -> gather techniques (not registered itself)."""
 
     phase = "kv-cache"
+    static_decode = True
     carries_scores = False  # keep the prefill scores on the layer for decoding (H2O accumulates them)
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:

@@ -170,6 +170,10 @@ class Speculative(Technique):
     rollback = True  # its caches are DynamicCaches, cropped back to the accepted prefix every round
     kv_within_dense = False  # kv_bytes counts the draft's cache as well as the target's
     reports = ("drafted", "accepted", "target_calls", "draft_calls")  # SpeculativeStats
+    # Not compiled: a round feeds the target 1 to gamma + 1 tokens (SpecDec++ decides gamma token by
+    # token) and rolls both caches back, so neither model's step has one shape to capture.
+    static_note = ("draft-and-verify rounds feed 1 to gamma+1 tokens and roll both caches back every round: "
+                   "decoded eagerly")
 
     def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
@@ -186,6 +190,7 @@ class Speculative(Technique):
         question_ids: torch.Tensor | None = None,
         draft: PreTrainedModel | None = None,
         seed: int = 0,
+        compiled: bool = False,  # not used: see `static_note`
     ) -> Generation:
         if draft is None:
             raise ValueError(f"{self.name} needs a draft model: set `model.draft` in the sweep spec")

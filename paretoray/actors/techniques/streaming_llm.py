@@ -218,6 +218,20 @@ class SinkWindowLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a StreamingLLM cache has already evicted what a rollback would need")
 
+    def to_static(self, steps: int):
+        """Sinks + window + the incoming token's slot, as a ring whose sinks move forward by the
+        tokens evicted (static_decode.SinkGroup); None while the prompt is shorter than the sinks."""
+        from paretoray.actors.static_decode import SinkGroup, StaticLayer
+
+        if self.seen < self.n_sink:
+            return None
+        keys, values = self._ordered()
+        unshifted = self._sinks_unshifted if self._sinks_unshifted is not None else keys[..., : self.n_sink, :]
+        positions = torch.tensor(self.kept_positions(), device=keys.device)
+        capacity = min(self.capacity + 1, keys.shape[-2] + steps)
+        group = SinkGroup(keys, values, positions, capacity, self.n_sink, unshifted, self.inv_freq, self.capacity)
+        return StaticLayer([group])
+
 
 @register
 @dataclass(frozen=True)
@@ -227,6 +241,7 @@ class StreamingLLM(Technique):
 
     name = "streaming_llm"
     phase = "kv-cache"
+    static_decode = True
     examples = {"covers": {}, "compresses": {"n_sink": 4, "window": 32}}
 
     def new_cache(self, model: PreTrainedModel) -> Cache:

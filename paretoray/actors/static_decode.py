@@ -1,0 +1,319 @@
+"""Static-shape decoding: every technique's cache as fixed-size slot buffers, one compiled step.
+
+A decode step of a 135M model on a CPU, or of any model at batch 1 on a GPU, is dominated by
+per-operation overhead when run eagerly (hundreds of small kernels and the Python around them).
+gpt-fast removes it by compiling the decode step over a preallocated cache; this module does the
+same for dense and for every KV technique whose cache size is fixed once the prompt is in.
+
+After the prefill (eager: scoring and compression hooks run there, outside any compiled code),
+`Technique.static_cache` turns the technique's cache into a `StaticDecodeCache`: per layer, one or
+more `SlotGroup`s, each a buffer of `C` slots for a run of KV heads, with the text position held in
+every slot (-1: empty). Every step writes the new token into the slot the group's rule picks and
+attends over the valid slots:
+
+- the write slot is the lowest position among the slots that may be overwritten: an empty slot
+  first, else the oldest entry that is not a sink (positions < `n_sink` stay). This one rule is a
+  growing cache when `C` holds the prompt plus the new tokens (dense, SnapKV, PyramidKV), a
+  StreamingLLM ring when `C` = sinks + window + 1, and a MoA head's ring when `C` = sinks + span;
+- a group whose layer evicts by score (H2O) frees a slot after attending (`ScoredGroup`).
+
+Shapes never change during a generation (the capacity is fixed from the prompt's kept entries and
+the token budget), positions and slots live on the device, and the step reads nothing back but the
+next token: `torch.compile` traces it once per configuration and replays it (on CUDA with CUDA
+graphs). Compilation and its warm-up happen outside every timed step and are reported apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from paretoray.actors.generation import Step, with_cache
+
+ATTENTION = "paretoray_static"
+CACHE_KWARG = "paretoray_static_cache"  # how the attention function finds the cache (transformers forwards it)
+NEVER = torch.iinfo(torch.int64).max
+CUDA_GRAPH_WARMUP = 2  # steps of a new CUDA-graph cache that warm up and record before replays
+
+
+class SlotGroup:
+    """A run of KV heads of one layer sharing `capacity` slots.
+
+    keys/values: [B, h, C, D]; positions: [B, h, C] int64, -1 where the slot is empty. Entries at
+    positions < `n_sink` are never overwritten.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, capacity: int, n_sink: int = 0):
+        batch, heads, kept, dim = keys.shape
+        if kept > capacity:
+            raise ValueError(f"{kept} kept entries do not fit {capacity} slots")
+        self.n_sink = n_sink
+        # Numbers a step compares against are device scalars, not Python ints: a new budget or sink
+        # count must not make a new graph (dynamo specializes on the ints it reads).
+        self.sink_limit = torch.tensor(n_sink, device=keys.device)
+        self.keys = keys.new_zeros(batch, heads, capacity, dim)
+        self.values = values.new_zeros(batch, heads, capacity, values.shape[-1])
+        self.positions = torch.full((batch, heads, capacity), -1, dtype=torch.int64, device=keys.device)
+        self.keys[:, :, :kept] = keys
+        self.values[:, :, :kept] = values
+        self.positions[:, :, :kept] = positions.to(device=keys.device, dtype=torch.int64).expand(batch, heads, kept)
+
+    @property
+    def heads(self) -> int:
+        return self.keys.shape[1]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors a step reads and writes in place (their slot axis is 2)."""
+        return [self.keys, self.values, self.positions]
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Store one token per head in the slot the rule picks: an empty one, else the oldest
+        non-sink entry. key/value: [B, h, 1, D]; position: [] int64. Returns the slots [B, h, 1]."""
+        pinned = (self.positions >= 0) & (self.positions < self.sink_limit)
+        slot = torch.where(pinned, NEVER, self.positions).argmin(dim=-1, keepdim=True)  # [B, h, 1]
+        self.keys.scatter_(2, slot[..., None].expand_as(key), key)
+        self.values.scatter_(2, slot[..., None].expand_as(value), value)
+        self.positions.scatter_(2, slot, position.expand_as(slot))
+        return slot
+
+    def attend(self, query: torch.Tensor, scaling: float, position: torch.Tensor) -> torch.Tensor:
+        """One query per head over the valid slots. query: [B, h * groups, 1, D] -> same shape."""
+        groups = query.shape[1] // self.heads
+        valid = (self.positions >= 0)[:, :, None, :].repeat_interleave(groups, dim=1)  # [B, hq, 1, C]
+        return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=valid, scale=scaling, enable_gqa=True)
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class SinkGroup(SlotGroup):
+    """StreamingLLM's ring: sinks + window + one slot for the incoming token. Before attending, the
+    sink keys are rotated forward by the tokens evicted so far (the paper's cache-index positions;
+    see techniques/streaming_llm.py), recomputed from the unshifted sinks each step."""
+
+    def __init__(self, keys, values, positions, capacity, n_sink, sinks_unshifted, inv_freq, window_capacity):
+        super().__init__(keys, values, positions, capacity, n_sink)
+        self.sinks_unshifted = sinks_unshifted.clone()  # [B, h, n_sink, D]
+        self.inv_freq = inv_freq.to(self.keys.device)
+        self.window_capacity = torch.tensor(window_capacity, device=self.keys.device)  # sinks + window
+
+    def attend(self, query, scaling, position):
+        from paretoray.actors.techniques.streaming_llm import rotate_by
+
+        # Tokens before this one that no longer fit: position - (sinks + window), at least 0.
+        evicted = (position - self.window_capacity).clamp(min=0)
+        self.keys[:, :, : self.n_sink] = rotate_by(self.sinks_unshifted, evicted, self.inv_freq)
+        return super().attend(query, scaling, position)
+
+
+class ScoredGroup(SlotGroup):
+    """H2O while decoding: every query's attention (fp32) accrues to the keys it saw, and once the
+    group holds more than `budget` entries, the lowest-scoring one outside the `recent` newest is
+    freed (its slot takes the next token). Capacity: budget + 1."""
+
+    def __init__(self, keys, values, positions, capacity, scores, budget: int, recent: int):
+        super().__init__(keys, values, positions, capacity)
+        self.scores = torch.zeros(self.positions.shape, dtype=torch.float32, device=self.keys.device)
+        self.scores[:, :, : scores.shape[-1]] = scores
+        self.budget = torch.tensor(budget, device=self.keys.device)
+        self.recent = torch.tensor(recent, device=self.keys.device)
+
+    def buffers(self):
+        return [*super().buffers(), self.scores]
+
+    def write(self, key, value, position):
+        slot = super().write(key, value, position)
+        self.scores.scatter_(2, slot, 0.0)
+        return slot
+
+    def attend(self, query, scaling, position):
+        out = super().attend(query, scaling, position)
+        batch, heads, _, dim = self.keys.shape
+        q = query.float().view(batch, heads, -1, dim)  # [B, h, groups, D]
+        valid = self.positions >= 0  # [B, h, C]
+        logits = torch.einsum("bhgd,bhcd->bhgc", q, self.keys.float()) * scaling
+        weights = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1)
+        self.scores += weights.mean(dim=2)  # averaged over the KV head's group of query heads
+        protected = ~valid | (self.positions > position - self.recent)
+        victim = self.scores.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)  # [B, h, 1]
+        over = valid.sum(dim=-1, keepdim=True) > self.budget
+        self.positions.scatter_(2, victim, torch.where(over, -1, self.positions.gather(2, victim)))
+        self.scores.scatter_(2, victim, torch.where(over, 0.0, self.scores.gather(2, victim)))
+        return out
+
+
+class StaticLayer:
+    """One decoder layer's cache: its stored heads split into `groups` (consecutive, in head
+    order). `repeat` > 1: the layer stores one head per query head (SnapKV's per-query-head rule),
+    so each incoming KV head is repeated that many times."""
+
+    def __init__(self, groups: list[SlotGroup], repeat: int = 1):
+        self.groups, self.repeat = groups, repeat
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
+        if self.repeat > 1:
+            key = key.repeat_interleave(self.repeat, dim=1)
+            value = value.repeat_interleave(self.repeat, dim=1)
+        start = 0
+        for group in self.groups:
+            stop = start + group.heads
+            group.write(key[:, start:stop], value[:, start:stop], position)
+            start = stop
+
+    def attend(self, query: torch.Tensor, scaling: float, position: torch.Tensor) -> torch.Tensor:
+        per_head = query.shape[1] // sum(g.heads for g in self.groups)  # query heads per stored head
+        outs, start = [], 0
+        for group in self.groups:
+            stop = start + group.heads * per_head
+            outs.append(group.attend(query[:, start:stop], scaling, position))
+            start = stop
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
+
+
+def grouped(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], n_sink: int = 0) -> list[SlotGroup]:
+    """One group per run of consecutive heads with the same capacity. entries: per head
+    (keys [B, 1, n, D], values, positions [n], capacity); heads of a run must hold as many entries."""
+    groups, run = [], []
+
+    def close():
+        if run:
+            keys = torch.cat([e[0] for e in run], dim=1)
+            values = torch.cat([e[1] for e in run], dim=1)
+            positions = torch.stack([e[2] for e in run])[None]  # [1, h, n]
+            groups.append(SlotGroup(keys, values, positions, run[0][3], n_sink))
+            run.clear()
+
+    for entry in entries:
+        if run and (entry[3], entry[0].shape[2]) != (run[0][3], run[0][0].shape[2]):
+            close()
+        run.append(entry)
+    close()
+    return groups
+
+
+class StaticDecodeCache(Cache):
+    """What the compiled step decodes with: a `StaticLayer` per decoder layer and the position of
+    the token being fed (a device scalar, advanced inside the step)."""
+
+    def __init__(self, model: PreTrainedModel, layers: list[StaticLayer], position: int):
+        super().__init__(layers=layers)
+        device = layers[0].groups[0].keys.device
+        self.keyword = next(iter(with_cache(model, None)))  # resolved here, outside the compiled step
+        self.position = torch.tensor(position, dtype=torch.int64, device=device)
+        for layer in layers:
+            for group in layer.groups:
+                for buffer in group.buffers():
+                    # One graph for every capacity (prompt length, budget): the slot axis is symbolic.
+                    torch._dynamo.mark_dynamic(buffer, 2)
+                    if device.type == "cuda":  # CUDA graphs replay on fixed addresses: these never move
+                        torch._dynamo.mark_static_address(buffer)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(self.position)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.layers[layer_idx].update(key_states, value_states, self.position)
+        return key_states, value_states  # unused: the attention reads the layer's slots
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.position)
+
+    def nbytes(self) -> int:
+        """KV bytes physically held: every slot, the decode region preallocated included."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention every static cache decodes with: its layer's groups do the work."""
+    cache: StaticDecodeCache = kwargs[CACHE_KWARG]
+    out = cache.layers[module.layer_idx].attend(query, scaling, cache.position)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, static_attention)  # no mask function: none is built
+
+
+def _step(model: PreTrainedModel, cache: StaticDecodeCache, token: torch.Tensor) -> torch.Tensor:
+    """One decode step: token [B, 1] -> the next greedy token [B, 1]; the cache advances in place."""
+    position_ids = cache.position.view(1, 1).expand(token.shape[0], 1)
+    logits = model(input_ids=token, position_ids=position_ids, use_cache=True,
+                   **{cache.keyword: cache, CACHE_KWARG: cache}).logits
+    cache.position.add_(1)
+    return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """inductor's default on a CPU; on CUDA, CUDA graphs replay the whole step (one launch)."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+def _compiled(device: torch.device) -> Callable:
+    mode = compile_mode(device)
+    key = mode or "default"
+    if key not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        # Every technique structure, model and shape family is a graph of its own: allow many
+        # before dynamo would fall back to eager (it does so silently).
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+        _COMPILED[key] = torch.compile(_step, mode=mode)
+    return _COMPILED[key]
+
+
+def compiled_step(model: PreTrainedModel, cache: StaticDecodeCache, compile: bool = True) -> Step:
+    """The decode step over a static cache: compiled, or the same code run eagerly (tests, and the
+    reference the compiled one is checked against)."""
+    fn = _compiled(cache.position.device) if compile else _step
+    return lambda token: fn(model, cache, token)
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (a step that raised it paid for a compile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warmup_watch(device: torch.device) -> Callable[[int], bool]:
+    """Which decode steps are not measured: one that compiled a graph, and on CUDA the first
+    steps of a cache (CUDA graphs warm up, then record, before they replay)."""
+    seen = [graphs_compiled()]
+
+    def unmeasured(i: int) -> bool:
+        now = graphs_compiled()
+        compiled, seen[0] = now != seen[0], now
+        return compiled or (device.type == "cuda" and i < CUDA_GRAPH_WARMUP)
+
+    return unmeasured
+
+
+@contextmanager
+def static_attention_installed(model: PreTrainedModel) -> Iterator[None]:
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
+def from_dynamic(model: PreTrainedModel, cache: Cache, steps: int) -> StaticDecodeCache:
+    """transformers' full cache (dense) as one appending group per layer: the prompt plus `steps` slots."""
+    layers = []
+    for layer in cache.layers:
+        kept = layer.keys.shape[-2]
+        positions = torch.arange(kept, device=layer.keys.device)
+        layers.append(StaticLayer([SlotGroup(layer.keys, layer.values, positions, kept + steps)]))
+    return StaticDecodeCache(model, layers, cache.get_seq_length())
