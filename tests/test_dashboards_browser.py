@@ -70,7 +70,7 @@ def sweep(ray_session, tiny_model_dir, tmp_path_factory):
     stores = resolve_stores(home=str(tmp_path_factory.mktemp("runs")))
     spec = parse({
         "name": NAME,
-        "model": {"id": str(tiny_model_dir), "dtype": "float32"},
+        "model": {"id": str(tiny_model_dir), "dtype": "float32", "compile": False},
         "workload": {"task": "passkey", "context_lengths": [160, 224], "samples_per_length": 2, "max_new_tokens": 4, "fidelity": True},
         "techniques": {"dense": {}, "streaming_llm": {"n_sink": 2, "window": WINDOWS}},
         "objectives": {"latency_ms_per_token": "minimize", "fidelity": "maximize", "kv_cache_mb": "minimize"},

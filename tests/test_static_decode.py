@@ -5,6 +5,8 @@ placement), first without compilation (fast: the rules alone), then through torc
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -125,3 +127,64 @@ def test_compiled_step_compiles_once_for_every_prompt_length_and_budget(tiny_mod
         run = build_technique("h2o", {"max_capacity_prompt": budget}).generate(model, prompt(model, length, 2), 6, compiled=True)
         assert run.warmup_s == 0 and len(run.step_s) == 5
     assert static_decode.graphs_compiled() == before
+
+
+def kept_positions(technique, model, ids, steps: int, static: bool) -> list[list[list[int]]]:
+    """Per layer and head, the text positions the cache holds after decoding `steps` tokens."""
+    from paretoray.actors.generation import decode, eager_step, prefill
+
+    with torch.inference_mode():
+        with technique.applied(model) as cache:
+            first, _ = prefill(model, ids, cache)
+            if not static:
+                decode(eager_step(model, cache), first, steps, ids.device)
+                return [[sorted(head) for head in layer.positions[0].tolist()] for layer in cache.layers]
+            converted = technique.static_cache(model, cache, steps)
+        with static_decode.static_attention_installed(model):
+            decode(static_decode.compiled_step(model, converted), first, steps, ids.device)
+    return [[sorted(p for p in head if p >= 0) for head in layer.groups[0].positions[0].tolist()] for layer in converted.layers]
+
+
+@pytest.mark.parametrize("params", [{"max_capacity_prompt": 20, "recent_fraction": 0.5},
+                                    {"max_capacity_prompt": 110, "recent_fraction": 0.3},
+                                    {"max_capacity_prompt": 16, "recent_fraction": 0.0}])
+def test_h2o_keeps_the_same_entries_as_its_eager_cache(tiny_model, uncompiled, params):
+    model, _ = tiny_model
+    technique = build_technique("h2o", params)
+    ids = prompt(model, 100, seed=11)
+    eager = kept_positions(technique, model, ids, NEW, static=False)
+    assert kept_positions(technique, model, ids, NEW, static=True) == eager
+    assert all(len(head) == min(technique.layer_budget(0, 1, 100), 100 + NEW - 1) for layer in eager for head in layer)
+
+
+@pytest.mark.parametrize("option", [True, "auto"])
+def test_the_runner_decodes_compiled_as_the_spec_asks_and_records_it(tiny_model_dir, option):
+    from paretoray.actors.runner import TrialRunner
+
+    runner = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, compile=option)
+    workload = {"task": "passkey", "context_lengths": [256], "samples_per_length": 2, "max_new_tokens": 6, "fidelity": True}
+    record = runner.run_trial({"trial": 0, "technique": "streaming_llm", "params": {"window": 16}, "workload": workload})
+    assert record["status"] == "ok", record["traceback"]
+    env = record["env"]
+    if option is True:
+        assert env["decode"] == "compiled"
+    else:  # auto on a CPU: a paired eager/compiled check chose, and says what it measured
+        assert env["decode"] in ("compiled", "eager")
+        assert "eager" in env["compile_check"] and "compiled" in env["compile_check"]
+    expected = env["decode"] == "compiled"
+    for row in record["samples"]:
+        assert row["compiled"] is expected and row["dense_compiled"] is expected
+        assert row["decode_warmup_s"] == 0  # compiled in the trial's warm-up, not in a measured sample
+    assert math.isfinite(record["metrics"]["fidelity"])
+
+
+def test_the_spec_takes_compile_auto_true_or_false_and_names_a_bad_value():
+    from paretoray.orchestrator.spec import SpecError, parse
+
+    base = {"name": "c", "workload": {"task": "passkey", "context_lengths": [128]},
+            "techniques": {"dense": {}}, "objectives": {"latency_ms_per_token": "minimize"}, "trials": 1}
+    assert parse(base | {"model": {"id": "smollm2-135m"}}, "<c>").model.compile == "auto"
+    for value in (True, False, "auto"):
+        assert parse(base | {"model": {"id": "smollm2-135m", "compile": value}}, "<c>").model.compile == value
+    with pytest.raises(SpecError, match="model.compile"):
+        parse(base | {"model": {"id": "smollm2-135m", "compile": "yes"}}, "<c>")

@@ -43,7 +43,7 @@ class DriverOnly(Technique):
 def spec_for(model_dir: Path, name: str, trials: int, techniques: dict, sampler: dict | None = None):
     data = {
         "name": name,
-        "model": {"id": str(model_dir), "dtype": "float32"},
+        "model": {"id": str(model_dir), "dtype": "float32", "compile": False},
         "workload": {"task": "passkey", "context_lengths": [192, 256], "samples_per_length": 1, "max_new_tokens": 4},
         "techniques": techniques,
         "objectives": {"latency_ms_per_token": "minimize", "accuracy": "maximize", "kv_cache_mb": "minimize"},
@@ -215,7 +215,7 @@ def test_dataset_sweep_records_intervals_and_paired_speedups(ray_session, tiny_m
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {
         "name": "byod",
-        "model": {"id": str(tiny_model_dir), "dtype": "float32"},
+        "model": {"id": str(tiny_model_dir), "dtype": "float32", "compile": True},  # the compiled path, end to end
         "workload": {"task": "dataset", "path": str(data), "metric": "contains", "max_new_tokens": 4, "repeats": 2},
         "techniques": {"dense": {}, "streaming_llm": {"n_sink": 2, "window": [16, 64]}},
         "objectives": {"speedup": "maximize", "accuracy": "maximize"},
@@ -251,6 +251,9 @@ def test_dataset_sweep_records_intervals_and_paired_speedups(ray_session, tiny_m
         assert table.height == 5 and table["sample_id"].to_list() == [f"dataset/r{i}" for i in range(5)]
         assert {"output", "dense_output", "accuracy", "dense_accuracy", "speedup", "prompt_tokens"} <= set(table.columns)
         assert (table["repeats"] == 2).all()
+        # compile: true: both the technique and its dense pair decoded through the compiled step
+        assert run.data.tags["env.decode"] == "compiled"
+        assert table["compiled"].all() and table["dense_compiled"].all()
 
 
 def test_bad_data_fails_before_ray_naming_file_line_and_column(tmp_path, capsys):
