@@ -257,18 +257,65 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
-def _compiled(device: torch.device) -> Callable:
-    mode = compile_mode(device)
-    key = mode or "default"
-    if key not in _COMPILED:
-        import torch._dynamo.config as dynamo_config
+def _matvec_mm(a: torch.Tensor, b: torch.Tensor, out_dtype=None):
+    """A one-row product as a multiply-and-sum over each output's row of the weight: inductor then
+    writes one vectorized reduction that streams the weight at memory bandwidth (and fuses what
+    follows), where the CPU BLAS's matrix-vector product reads it at about half that. Inductor
+    does the same on GPUs under coordinate-descent tuning (gpt-fast's setting); on a CPU it does
+    not by itself. a: [1, K]; b: [K, N] (a linear layer's weight, transposed) -> [1, N]."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-        # Every technique structure, model and shape family is a graph of its own: allow many
-        # before dynamo would fall back to eager (it does so silently).
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-        _COMPILED[key] = torch.compile(_step, mode=mode)
+    if out_dtype is not None or not statically_known_true(a.shape[0] == 1):
+        return NotImplemented
+    return (b.t() * a).sum(dim=-1)[None]
+
+
+def _matvec_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1):
+    out = _matvec_mm(a, b)
+    if out is NotImplemented or beta != 1 or alpha != 1:
+        return NotImplemented
+    return out + bias
+
+
+def _backend(device: torch.device):
+    """inductor, with one-row products as reductions on a CPU (see `_matvec_mm`)."""
+    if device.type != "cpu":
+        return "inductor"
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    decompositions = {**select_decomp_table(), aten.mm.default: _matvec_mm, aten.addmm.default: _matvec_addmm}
+
+    def backend(graph, example_inputs):
+        return compile_fx(graph, example_inputs, decompositions=decompositions)
+
+    # AOTAutograd's cache keys a graph before these decompositions apply: it would serve a graph
+    # compiled without them. Inductor's own cache keys the decomposed graph, and still serves.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.enable_autograd_cache = False
+
+    return backend
+
+
+def _compile(fn: Callable, device: torch.device) -> Callable:
+    import torch._dynamo.config as dynamo_config
+
+    # Every technique structure, model and shape family is a graph of its own: allow many
+    # before dynamo would fall back to eager (it does so silently).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+    if device.type == "cpu":
+        return torch.compile(fn, backend=_backend(device))
+    return torch.compile(fn, mode=compile_mode(device))
+
+
+def _compiled(device: torch.device) -> Callable:
+    key = device.type
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(_step, device)
     return _COMPILED[key]
 
 
@@ -317,3 +364,86 @@ def from_dynamic(model: PreTrainedModel, cache: Cache, steps: int) -> StaticDeco
         positions = torch.arange(kept, device=layer.keys.device)
         layers.append(StaticLayer([SlotGroup(layer.keys, layer.values, positions, kept + steps)]))
     return StaticDecodeCache(model, layers, cache.get_seq_length())
+
+
+# ---- speculative decoding: several tokens a forward, rolled back by moving the length ----------
+
+
+class PositionalLayer:
+    """A full layer cache whose slot is the token's position: T tokens are written at
+    [position, position + T) and attend causally by position, so rolling back is moving the
+    length (stale slots beyond it are masked, then overwritten). keys/values: [B, Hkv, C, D]."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        batch, heads, kept, dim = keys.shape
+        self.keys = keys.new_zeros(batch, heads, capacity, dim)
+        self.values = values.new_zeros(batch, heads, capacity, values.shape[-1])
+        self.keys[:, :, :kept] = keys
+        self.values[:, :, :kept] = values
+        self.groups = [self]  # what StaticDecodeCache's set-up walks
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.keys, self.values]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
+        slots = position + torch.arange(key.shape[-2], device=key.device)  # [T]
+        self.keys.index_copy_(2, slots, key)
+        self.values.index_copy_(2, slots, value)
+
+    def attend(self, query: torch.Tensor, scaling: float, position: torch.Tensor) -> torch.Tensor:
+        """query [B, Hq, T, D]: query t sees the slots up to its own position."""
+        queries = position + torch.arange(query.shape[-2], device=query.device)  # [T]
+        visible = torch.arange(self.keys.shape[2], device=query.device)[None, :] <= queries[:, None]  # [T, C]
+        return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=visible, scale=scaling, enable_gqa=True)
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class RollbackCache(StaticDecodeCache):
+    """A dense cache for draft-and-verify: room for `room` more tokens, `crop(-n)` exact and free.
+    `length` mirrors the device position on the host, so the loop reads lengths without a sync."""
+
+    def __init__(self, model: PreTrainedModel, cache: Cache, room: int):
+        layers = [PositionalLayer(layer.keys, layer.values, layer.keys.shape[-2] + room) for layer in cache.layers]
+        self.length = cache.get_seq_length()
+        super().__init__(model, layers, self.length)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove >= 0:
+            raise ValueError("crop takes the negative number of tokens to remove")
+        self.length += tokens_to_remove
+        self.position.fill_(self.length)
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def forward(self, model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] through `model` (compiled), appended to this cache: logits or hidden states [1, T, .]."""
+        return compiled_forward(model, self, ids)
+
+
+def _forward(model: PreTrainedModel, cache: RollbackCache, ids: torch.Tensor) -> torch.Tensor:
+    """ids [1, T] appended at the cache's position: the causal LM's logits [1, T, V], or a base
+    model's last hidden states [1, T, H]."""
+    position_ids = (cache.position + torch.arange(ids.shape[1], device=ids.device))[None]
+    out = model(input_ids=ids, position_ids=position_ids, use_cache=True, **{cache.keyword: cache, CACHE_KWARG: cache})
+    cache.position.add_(ids.shape[1])
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+_COMPILED_FORWARD: dict[str, Callable] = {}
+
+
+def compiled_forward(model: PreTrainedModel, cache: RollbackCache, ids: torch.Tensor) -> torch.Tensor:
+    """`_forward` through torch.compile (one graph per model and token count: 1, then a symbolic
+    count once a second one is seen)."""
+    key = ids.device.type
+    if key not in _COMPILED_FORWARD:
+        _COMPILED_FORWARD[key] = _compile(_forward, ids.device)
+    out = _COMPILED_FORWARD[key](model, cache, ids)
+    cache.advance(ids.shape[1])
+    return out

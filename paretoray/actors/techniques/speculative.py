@@ -25,6 +25,7 @@ target's residual max(0, p - q) keeps all of its mass.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,6 +142,8 @@ def draft_hidden(draft: PreTrainedModel, tokens: torch.Tensor, cache: DynamicCac
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The draft's final (normed) hidden states [B, T, H]: its base model only, no output layer."""
     base = draft.base_model
+    if cache is not None and hasattr(cache, "forward"):  # a static rollback cache runs its compiled step
+        return cache.forward(base, tokens)
     return base(input_ids=tokens, **with_cache(base, cache), use_cache=cache is not None,
                 attention_mask=attention_mask).last_hidden_state
 
@@ -170,10 +173,11 @@ class Speculative(Technique):
     rollback = True  # its caches are DynamicCaches, cropped back to the accepted prefix every round
     kv_within_dense = False  # kv_bytes counts the draft's cache as well as the target's
     reports = ("drafted", "accepted", "target_calls", "draft_calls")  # SpeculativeStats
-    # Not compiled: a round feeds the target 1 to gamma + 1 tokens (SpecDec++ decides gamma token by
-    # token) and rolls both caches back, so neither model's step has one shape to capture.
-    static_note = ("draft-and-verify rounds feed 1 to gamma+1 tokens and roll both caches back every round: "
-                   "decoded eagerly")
+    # Compiled: both models decode over static rollback caches (static_decode.RollbackCache). The
+    # draft's one-token steps are one graph; its catch-up (2 tokens after a fully accepted round) and
+    # the target's verification of gamma + 1 tokens take a graph with a symbolic token count (gamma
+    # varies with SpecDec++'s stopping). The prefill and the policy (SpecDec++'s head) stay eager.
+    static_decode = True
 
     def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
@@ -190,13 +194,13 @@ class Speculative(Technique):
         question_ids: torch.Tensor | None = None,
         draft: PreTrainedModel | None = None,
         seed: int = 0,
-        compiled: bool = False,  # not used: see `static_note`
+        compiled: bool = False,
     ) -> Generation:
         if draft is None:
             raise ValueError(f"{self.name} needs a draft model: set `model.draft` in the sweep spec")
         if forced_tokens is not None or question_ids is not None:
             raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
-        return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed)
+        return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed, compiled=compiled)
 
 
 @dataclass
@@ -236,6 +240,9 @@ class Proposal:
 
 def _target_logits(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, last_only: bool = False) -> torch.Tensor:
     """ids [T] -> logits [T or 1, V], appending to `cache`."""
+    if hasattr(cache, "forward"):  # a static rollback cache runs its compiled step
+        logits = cache.forward(model, ids[None])[0]
+        return logits[-1:] if last_only else logits
     return model(input_ids=ids[None], **with_cache(model, cache), use_cache=True, logits_to_keep=1 if last_only else 0).logits[0]
 
 
@@ -287,6 +294,22 @@ def roll_back(cache: DynamicCache, length: int) -> None:
         cache.crop(-excess)
 
 
+@contextmanager
+def static_models(target: PreTrainedModel, draft: PreTrainedModel, target_cache, draft_cache, room: int, compiled: bool):
+    """Both caches as static rollback caches with `room` more tokens and both models on the static
+    attention (compiled), or the caches as they are (eager). Yields the two caches and which
+    rounds go unmeasured (None: all are measured)."""
+    if not compiled:
+        yield target_cache, draft_cache, None
+        return
+    from paretoray.actors import static_decode
+
+    target_static = static_decode.RollbackCache(target, target_cache, room)
+    draft_static = static_decode.RollbackCache(draft.base_model, draft_cache, room)
+    with static_decode.static_attention_installed(target), static_decode.static_attention_installed(draft):
+        yield target_static, draft_static, static_decode.warmup_watch(target_static.position.device)
+
+
 def speculative_generate(
     technique: Speculative,
     target: PreTrainedModel,
@@ -297,6 +320,7 @@ def speculative_generate(
     seed: int = 0,
     target_cache: DynamicCache | None = None,  # given by tests that inspect the caches afterwards
     draft_cache: DynamicCache | None = None,
+    compiled: bool = False,
 ) -> Generation:
     device = input_ids.device
     sampler = Sampler.of(float(getattr(technique, "temperature", 0.0)), seed, device)
@@ -310,31 +334,39 @@ def speculative_generate(
     with timed(device, prefill_s):
         sequence.append(prefill(target, draft, input_ids[0], target_cache, draft_cache, sampler))
 
-    rounds: list[tuple[float, int]] = []  # (seconds, tokens committed) per round
-    while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
-        took: list[float] = []
-        with timed(device, took):
-            # Made before the draft runs: a host-to-device copy of a pageable tensor waits for the
-            # stream, so made after the draft steps it would stall the round.
-            pending = torch.tensor(sequence[draft_cache.get_seq_length():], device=device)
-            last = pending[-1:]
-            proposal = propose(draft, head, policy, sampler, pending, draft_cache, max_new_tokens - (len(sequence) - prompt_len))
-            new = verify_proposal(target, target_cache, last, proposal, sampler)
-            committed = len(sequence) + len(new) - 1  # tokens both caches may keep: all but the newest
-            roll_back(target_cache, committed)
-            roll_back(draft_cache, committed)
-            sequence.extend(new)
-        stats.add_round(drafted=len(proposal.tokens), accepted=len(new) - 1)
-        rounds.append((took[0], len(new)))
+    rounds: list[tuple[float, int]] = []  # (seconds, tokens committed) per measured round
+    warmup_s = 0.0
+    with static_models(target, draft, target_cache, draft_cache, max_new_tokens + 2, compiled) as (target_cache, draft_cache, unmeasured):
+        while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
+            took: list[float] = []
+            with timed(device, took):
+                # Made before the draft runs: a host-to-device copy of a pageable tensor waits for the
+                # stream, so made after the draft steps it would stall the round.
+                pending = torch.tensor(sequence[draft_cache.get_seq_length():], device=device)
+                last = pending[-1:]
+                proposal = propose(draft, head, policy, sampler, pending, draft_cache, max_new_tokens - (len(sequence) - prompt_len))
+                new = verify_proposal(target, target_cache, last, proposal, sampler)
+                committed = len(sequence) + len(new) - 1  # tokens both caches may keep: all but the newest
+                roll_back(target_cache, committed)
+                roll_back(draft_cache, committed)
+                sequence.extend(new)
+            stats.add_round(drafted=len(proposal.tokens), accepted=len(new) - 1)
+            if unmeasured is not None and unmeasured(stats.target_calls - 1):
+                warmup_s += took[0]  # it compiled a graph (or recorded CUDA graphs): not a measured round
+            else:
+                rounds.append((took[0], len(new)))
 
     tokens = sequence[prompt_len:][:max_new_tokens]
     if any(t in eos_token_ids for t in tokens):
         tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
     step_s = [seconds / n for seconds, n in rounds for _ in range(n)]  # a round's time, shared by its tokens
+    kv_bytes = sum(c.nbytes() if hasattr(c, "nbytes") else cache_nbytes(c) for c in (target_cache, draft_cache))
     return Generation(
         tokens=tokens,
         prefill_s=prefill_s[0],
         step_s=step_s[: max(len(tokens) - 1, 0)],
-        kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
+        kv_bytes=kv_bytes,
         stats=asdict(stats),
+        compiled=unmeasured is not None,
+        warmup_s=warmup_s,
     )
