@@ -157,20 +157,24 @@ def test_h2o_keeps_the_same_entries_as_its_eager_cache(tiny_model, uncompiled, p
     assert all(len(head) == min(technique.layer_budget(0, 1, 100), 100 + NEW - 1) for layer in eager for head in layer)
 
 
-@pytest.mark.parametrize("option", [True, "auto"])
-def test_the_runner_decodes_compiled_as_the_spec_asks_and_records_it(tiny_model_dir, option):
+@pytest.mark.parametrize("option,horizon", [(True, None), ("auto", {"trials_per_actor": 1, "graphs": 2}),
+                                            ("auto", {"trials_per_actor": 10**6, "graphs": 1})],
+                         ids=["true", "auto-short-sweep", "auto-long-sweep"])
+def test_the_runner_decodes_compiled_as_the_spec_asks_and_records_it(tiny_model_dir, option, horizon):
     from paretoray.actors.runner import TrialRunner
 
-    runner = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, compile=option)
+    runner = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, compile=option, compile_horizon=horizon)
     workload = {"task": "passkey", "context_lengths": [256], "samples_per_length": 2, "max_new_tokens": 6, "fidelity": True}
     record = runner.run_trial({"trial": 0, "technique": "streaming_llm", "params": {"window": 16}, "workload": workload})
     assert record["status"] == "ok", record["traceback"]
     env = record["env"]
     if option is True:
         assert env["decode"] == "compiled"
-    else:  # auto on a CPU: a paired eager/compiled check chose, and says what it measured
+    elif horizon["trials_per_actor"] == 1:  # 2 samples x 5 steps x 3 runs cannot repay a compile: not even tried
+        assert env["decode"] == "eager" and "cannot repay" in env["compile_check"]
+    else:  # a paired eager/compiled check chose, and says what it measured
         assert env["decode"] in ("compiled", "eager")
-        assert "eager" in env["compile_check"] and "compiled" in env["compile_check"]
+        assert "first compile" in env["compile_check"] and "ms/token" in env["compile_check"]
     expected = env["decode"] == "compiled"
     for row in record["samples"]:
         assert row["compiled"] is expected and row["dense_compiled"] is expected

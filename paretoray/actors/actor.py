@@ -71,6 +71,7 @@ def create_actor(
     draft: str | None = None,
     builders: dict[str, Any] | None = None,
     compile: bool | str = False,
+    compile_horizon: dict[str, int] | None = None,
 ) -> PlacedActor:
     """Start one actor hosting `model` with `placement`'s resources; returns at once (Ray schedules it).
 
@@ -104,5 +105,6 @@ def create_actor(
         draft=draft,
         builders=builders,
         compile=compile,
+        compile_horizon=compile_horizon,
     )
     return PlacedActor(handle, group)

@@ -36,6 +36,11 @@ from paretoray.actors.techniques import Technique, build_technique, reference_te
 from paretoray.actors.workload import Workload
 
 
+# Seconds compiling one decode graph is assumed to cost on a CPU before it is measured (SmolLM2-135M
+# on 2 cores: about 170 s the first time on a machine, 25-40 s once inductor's cache holds it).
+COMPILE_GUESS_S = 60.0
+
+
 class TrialRunner:
     def __init__(
         self,
@@ -47,6 +52,7 @@ class TrialRunner:
         draft: str | None = None,
         builders: dict[str, Any] | None = None,
         compile: bool | str = False,
+        compile_horizon: dict[str, int] | None = None,
     ):
         artifacts.install(builders)  # how this process builds a registry draft or a MoA plan on first use
         if threads:
@@ -66,6 +72,7 @@ class TrialRunner:
         # Decode through the compiled static-shape step (model.compile): True, False, or "auto",
         # decided at the first warm-up by a paired measurement (see _decide_compile).
         self.compile: bool | str = compile if compile in (True, False) else "auto"
+        self.compile_horizon = compile_horizon or {"trials_per_actor": 1, "graphs": 2}
         self.env["decode"] = {True: "compiled", False: "eager"}.get(self.compile, "auto (undecided)")
 
     def describe(self) -> dict[str, Any]:
@@ -122,7 +129,7 @@ class TrialRunner:
         task = workload.task_object
         samples = self._workload_samples(workload)
         technique.prepare(self.model, sorted({len(s.prompt_ids) for s in samples}))
-        self._warm_up(samples, technique)
+        self._warm_up(samples, technique, workload)
         # Order alternates within each length, so that no length always runs dense first.
         seen: dict[int, int] = {}
         rows = []
@@ -209,39 +216,58 @@ class TrialRunner:
                 workload.task_object, self.tokenizer, workload.seed, self.window, workload.max_new_tokens)
         return self._samples[workload.key]
 
-    def _warm_up(self, samples: list[Sample], technique: Technique) -> None:
+    def _warm_up(self, samples: list[Sample], technique: Technique, workload: Workload) -> None:
         """Short runs first: the actor's first forward pays for allocation and kernel selection, and a
         trial's first call of its technique (its hooks, its draft) would otherwise land in sample 0."""
         prompt = torch.tensor([list(samples[0].prompt_ids[:64])], device=self.device)
         if not self._warm:
             self.reference.generate(self.model, prompt, 4)
             if self.compile == "auto":
-                self.compile = self._decide_compile(torch.tensor([list(samples[0].prompt_ids[:256])], device=self.device))
+                per_generation = max(workload.generation_budget(s.max_new_tokens) for s in samples) - 1
+                steps = (self.compile_horizon["trials_per_actor"] * len(samples)
+                         * (2 * workload.repeats + int(workload.fidelity)) * per_generation)
+                self.compile = self._decide_compile(torch.tensor([list(samples[0].prompt_ids[:256])], device=self.device), steps)
+            if self.compile:  # dense's graph compiles here, not in sample 0
+                self.reference.generate(self.model, prompt, 4, compiled=True)
             self._warm = True
         extra = {"draft": self.draft} if technique.needs_draft else {}
         # The technique's first generation in this mode compiles its graph here, not in sample 0.
         technique.generate(self.model, prompt, 4, compiled=self.compile, **extra)
 
-    def _decide_compile(self, prompt: torch.Tensor, steps: int = 16, rounds: int = 3) -> bool:
-        """`compile: auto`: on CUDA, compiled (CUDA graphs remove the per-kernel launch cost of a
-        batch-1 step). Elsewhere, dense decodes `prompt` eagerly and compiled, alternated `rounds`
-        times after one compiled warm-up (which compiles and is timed apart); compiled is kept when
-        its median step is at least 10% faster. The figures go into the environment of every trial."""
-        started = time.perf_counter()
-        warm = self.reference.generate(self.model, prompt, steps, compiled=True)
-        compile_s = time.perf_counter() - started
+    def _decide_compile(self, prompt: torch.Tensor, horizon_steps: int, steps: int = 16, rounds: int = 3) -> bool:
+        """`compile: auto`. On CUDA: compiled (CUDA graphs remove the per-kernel launch cost of a
+        batch-1 step). On a CPU, where compiling a graph costs minutes the first time on a machine,
+        it must pay for itself within the decode steps this actor expects (`horizon_steps`):
+        1. dense decodes `prompt` eagerly; if even halving that step over the horizon would not
+           repay `COMPILE_GUESS_S` per graph the sweep may compile, stay eager without compiling;
+        2. else dense decodes compiled (the compile timed apart), then eagerly and compiled,
+           alternated `rounds` times; compiled is kept when its median step is at least 10%
+           faster and the time it saves over the horizon exceeds the other graphs' compile time.
+        What was measured and why goes into every trial's environment (`env.compile_check`)."""
+        graphs = self.compile_horizon["graphs"]
         if self.device.type == "cuda":
             chosen, summary = True, "cuda: compiled with CUDA graphs"
         else:
-            eager, compiled = [], []
-            for round_ in range(rounds):
-                for mode in ((False, True) if round_ % 2 == 0 else (True, False)):
-                    run = self.reference.generate(self.model, prompt, steps, compiled=mode)
-                    (compiled if mode else eager).extend(run.step_s)
-            eager_ms, compiled_ms = 1000 * statistics.median(eager), 1000 * statistics.median(compiled)
-            chosen = warm.compiled and compiled_ms < 0.9 * eager_ms
-            summary = (f"eager {eager_ms:.1f} ms/token, compiled {compiled_ms:.1f} ms/token at {prompt.shape[-1]} tokens "
-                       f"(first compile {compile_s:.0f} s): {'compiled' if chosen else 'eager'}")
+            eager = self.reference.generate(self.model, prompt, steps).step_s
+            eager_ms = 1000 * statistics.median(eager)
+            if 0.5 * eager_ms / 1000 * horizon_steps < COMPILE_GUESS_S * graphs:
+                chosen = False
+                summary = (f"eager {eager_ms:.1f} ms/token; ~{horizon_steps} decode steps expected on this actor "
+                           f"cannot repay compiling {graphs} graph(s) on a CPU: eager, not compiled")
+            else:
+                started = time.perf_counter()
+                warm = self.reference.generate(self.model, prompt, steps, compiled=True)
+                compile_s = time.perf_counter() - started
+                timings: dict[bool, list[float]] = {False: [], True: []}
+                for round_ in range(rounds):
+                    for mode in ((False, True) if round_ % 2 == 0 else (True, False)):
+                        timings[mode] += self.reference.generate(self.model, prompt, steps, compiled=mode).step_s
+                eager_ms, compiled_ms = (1000 * statistics.median(timings[m]) for m in (False, True))
+                saved_s = (eager_ms - compiled_ms) / 1000 * horizon_steps
+                chosen = warm.compiled and compiled_ms < 0.9 * eager_ms and saved_s > compile_s * (graphs - 1)
+                summary = (f"eager {eager_ms:.1f} ms/token, compiled {compiled_ms:.1f} ms/token at {prompt.shape[-1]} tokens; "
+                           f"first compile {compile_s:.0f} s; ~{horizon_steps} decode steps expected, {graphs} graph(s): "
+                           f"{'compiled' if chosen else 'eager'}")
         self.env["decode"] = "compiled" if chosen else "eager"
         self.env["compile_check"] = summary
         return chosen

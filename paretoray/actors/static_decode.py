@@ -19,8 +19,13 @@ attends over the valid slots:
 
 Shapes never change during a generation (the capacity is fixed from the prompt's kept entries and
 the token budget), positions and slots live on the device, and the step reads nothing back but the
-next token: `torch.compile` traces it once per configuration and replays it (on CUDA with CUDA
-graphs). Compilation and its warm-up happen outside every timed step and are reported apart.
+next token. `torch.compile` traces it once per cache structure (the slot axis is symbolic, budgets
+are device scalars) and replays it: on CUDA with CUDA graphs; on a CPU with one-row products
+lowered to multiply-and-sum reductions that stream the weights at memory bandwidth (`_matvec_mm`).
+A step that compiled is left out of the measured ones and reported apart (`warmup_watch`).
+
+Speculative decoding uses `RollbackCache`: the slot is the position, several tokens are written at
+once and attend causally by position, and rolling back is moving the length.
 """
 
 from __future__ import annotations
@@ -356,14 +361,32 @@ def static_attention_installed(model: PreTrainedModel) -> Iterator[None]:
         model.config._attn_implementation = previous
 
 
-def from_dynamic(model: PreTrainedModel, cache: Cache, steps: int) -> StaticDecodeCache:
-    """transformers' full cache (dense) as one appending group per layer: the prompt plus `steps` slots."""
+def convert(model: PreTrainedModel, cache: Cache, layer_to_static: Callable, release: bool = False):
+    """`layer_to_static(layer)` for every layer of an eager cache: a `StaticDecodeCache`, or None
+    when the first layer cannot be continued statically. `release`: each eager layer's tensors are
+    dropped as soon as it is converted, so the copy costs one layer at a time, not the cache twice
+    (peak memory is what a trial reports)."""
+    position = cache.get_seq_length()
     layers = []
-    for layer in cache.layers:
-        kept = layer.keys.shape[-2]
-        positions = torch.arange(kept, device=layer.keys.device)
-        layers.append(StaticLayer([SlotGroup(layer.keys, layer.values, positions, kept + steps)]))
-    return StaticDecodeCache(model, layers, cache.get_seq_length())
+    for index, layer in enumerate(cache.layers):
+        static = layer_to_static(layer)
+        if static is None:
+            if index:
+                raise RuntimeError("a cache whose first layer converts must convert every layer")
+            return None
+        layers.append(static)
+        if release:
+            for name, value in list(vars(layer).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(layer, name, None)
+    return StaticDecodeCache(model, layers, position)
+
+
+def dynamic_to_static(layer, steps: int) -> StaticLayer:
+    """transformers' full layer (dense) as one appending group: the prompt plus `steps` slots."""
+    kept = layer.keys.shape[-2]
+    positions = torch.arange(kept, device=layer.keys.device)
+    return StaticLayer([SlotGroup(layer.keys, layer.values, positions, kept + steps)])
 
 
 # ---- speculative decoding: several tokens a forward, rolled back by moving the length ----------

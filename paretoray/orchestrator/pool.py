@@ -20,6 +20,18 @@ from paretoray.recipes import builders
 from paretoray.orchestrator.spec import SweepSpec
 
 
+def compile_horizon(spec) -> dict[str, int]:
+    """What `compile: auto` weighs compilation against on a CPU: the trials each actor can expect
+    and the graphs it may compile (dense's, and one per swept technique that compiles)."""
+    from paretoray.actors.declarations import technique_declarations
+
+    declared = technique_declarations()
+    compiling = [name for name in spec.techniques
+                 if name in declared and declared[name].capabilities.get("static_decode")
+                 and not declared[name].capabilities.get("is_reference")]
+    return {"trials_per_actor": -(-spec.trials // spec.actors.count), "graphs": 1 + len(compiling)}
+
+
 class ActorStartError(RuntimeError):
     """The sweep's first actors could not start; the message says why."""
 
@@ -64,7 +76,7 @@ class ActorPool:
         model = self.spec.model
         placed = create_actor(
             model.id, self.placement, dtype=model.dtype, attn_implementation=model.attn_implementation, draft=model.draft,
-            builders=builders(), compile=model.compile,
+            builders=builders(), compile=model.compile, compile_horizon=compile_horizon(self.spec),
         )
         self.starting[placed.handle.describe.remote()] = (placed, time.monotonic())
 

@@ -234,17 +234,16 @@ class Technique:
         """The KV cache this technique decodes with; the default is the full (dense) cache."""
         return DynamicCache(config=model.config)
 
-    def static_cache(self, model: PreTrainedModel, cache: Cache, steps: int):
+    def static_cache(self, model: PreTrainedModel, cache: Cache, steps: int, release: bool = False):
         """This technique's cache after the prefill as a `StaticDecodeCache` with room for `steps`
         more tokens, or None to decode eagerly (a state the static rules cannot continue exactly).
-        The default converts every layer that offers `to_static(steps)`."""
-        from paretoray.actors.static_decode import StaticDecodeCache
+        The default converts every layer that offers `to_static(steps)`. `release`: free each eager
+        layer once converted (the eager cache is not used again)."""
+        from paretoray.actors.static_decode import convert
 
-        converters = [getattr(layer, "to_static", None) for layer in cache.layers]
-        if not self.static_decode or not converters or None in converters:
+        if not self.static_decode or not cache.layers or any(not hasattr(layer, "to_static") for layer in cache.layers):
             return None
-        layers = [convert(steps) for convert in converters]
-        return None if None in layers else StaticDecodeCache(model, layers, cache.get_seq_length())
+        return convert(model, cache, lambda layer: layer.to_static(steps), release)
 
     @torch.inference_mode()
     def generate(
@@ -271,7 +270,7 @@ class Technique:
         with self.applied(model) as cache:
             first, prefill_s = prefill(model, input_ids, cache, question_ids)
             if compiled:
-                static = self.static_cache(model, cache, steps)
+                static = self.static_cache(model, cache, steps, release=True)
             if static is None:
                 tokens, step_s, warmup_s, agree = decode(
                     eager_step(model, cache), first, steps, device, eos_token_ids, forced_tokens)

@@ -18,7 +18,7 @@ class Dense(Technique):
     rollback = True  # transformers' DynamicCache crops exactly
     static_decode = True
 
-    def static_cache(self, model, cache, steps):
-        from paretoray.actors.static_decode import from_dynamic
+    def static_cache(self, model, cache, steps, release=False):
+        from paretoray.actors.static_decode import convert, dynamic_to_static
 
-        return from_dynamic(model, cache, steps)
+        return convert(model, cache, lambda layer: dynamic_to_static(layer, steps), release)

@@ -59,18 +59,18 @@ class H2O(PromptCompression):
             scores[..., :end] += weights.sum(dim=-2).mean(dim=2)  # summed over queries, averaged over the group
         return scores, self.recent_positions(length, budget, keys.device)
 
-    def static_cache(self, model, cache, steps):
+    def static_cache(self, model, cache, steps, release=False):
         """Decoding keeps evicting: each layer a `ScoredGroup` of budget + 1 slots (static_decode)."""
-        from paretoray.actors.static_decode import ScoredGroup, StaticDecodeCache, StaticLayer
+        from paretoray.actors.static_decode import ScoredGroup, StaticLayer, convert
 
-        layers = []
-        for layer in cache.layers:
+        def layer_to_static(layer):
             kept = layer.keys.shape[-2]
             recent = min(layer.budget, max(1, round(layer.budget * self.recent_fraction)))
             group = ScoredGroup(layer.keys, layer.values, layer.positions, min(layer.budget + 1, kept + steps),
                                 scores=layer.scores, budget=layer.budget, recent=recent)
-            layers.append(StaticLayer([group], repeat=layer.repeat))
-        return StaticDecodeCache(model, layers, cache.get_seq_length())
+            return StaticLayer([group], repeat=layer.repeat)
+
+        return convert(model, cache, layer_to_static, release)
 
     def after_append(self, module, hidden_states, position_embeddings, layer: CompressedLayer) -> None:
         new = hidden_states.shape[1]  # 1 while decoding; the question's length in a context-only placement
