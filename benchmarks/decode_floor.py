@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from kv_compression import RANDOM_SHAPES, random_model  # benchmarks/ is on sys.path when run as a script
+from kv_compression import add_model_arguments, machine_record, model_from  # benchmarks/ is on sys.path when run as a script
 from paretoray.actors.generation import cache_nbytes, decode, eager_step, prefill, synchronize
-from paretoray.actors.measure import device_name
-from paretoray.actors.models import load_model
 from paretoray.actors import static_decode
 from paretoray.actors.techniques import parse_technique
 
@@ -92,20 +89,11 @@ def measure(model, technique, input_ids, new_tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights of this shape instead of --model")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--configs", nargs="+", default=[
+    add_model_arguments(parser, [1024, 2048, 4096, 8192], [
         "dense", "streaming_llm:window=252", "snapkv:max_capacity_prompt=256,window_size=16",
         "pyramidkv:max_capacity_prompt=256,window_size=16", "h2o:max_capacity_prompt=256"])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = random_model(args.random_shape, args.dtype) if args.random_shape else load_model(args.model, dtype=args.dtype)[0]
+    model = model_from(args)
     device = model.device
     bandwidth = read_bandwidth(device)
     weights = weight_bytes(model)
@@ -132,16 +120,9 @@ def main() -> None:
                       f"{ms:8.2f} ms/token  floor {floor_ms:7.2f}  x{row['ratio']:.2f}  kv {row['kv_mib_read']:7.1f} MiB  "
                       f"warm-up {row['warmup_s']:6.1f} s  match {row['tokens_match']}", file=sys.stderr, flush=True)
     record = {
-        "benchmark": "decode_floor",
-        "model": f"random {args.random_shape}" if args.random_shape else args.model,
-        "device": device_name(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **machine_record("decode_floor", args, model),
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "weight_mib": weights / 2**20,
-        "new_tokens": args.new_tokens,
         "wall_s": time.perf_counter() - started,
         "rows": rows,
     }

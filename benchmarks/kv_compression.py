@@ -56,6 +56,39 @@ def random_model(shape: str, dtype: str):
     return model.eval()
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, lengths: list[int], configs: list[str]) -> None:
+    """The arguments every KV benchmark shares: the model (or a random shape), dtype, lengths, configs, tokens, threads."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights of this shape instead of --model")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    parser.add_argument("--configs", nargs="+", default=configs)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+
+
+def model_from(args: argparse.Namespace):
+    """The model the arguments name, on the device, with the thread count applied first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return random_model(args.random_shape, args.dtype) if args.random_shape else load_model(args.model, dtype=args.dtype)[0]
+
+
+def machine_record(name: str, args: argparse.Namespace, model) -> dict:
+    """The head of a benchmark's JSON record: what ran, where."""
+    return {
+        "benchmark": name,
+        "model": f"random {args.random_shape}" if args.random_shape else args.model,
+        "device": device_name(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "new_tokens": args.new_tokens,
+    }
+
+
 def measure(model, technique, input_ids, new_tokens: int, repeats: int, memory: PeakMemory) -> dict:
     technique.generate(model, input_ids, new_tokens)  # warm-up: allocation, kernel selection
     steps, prefills, peaks, kv = [], [], [], 0
@@ -76,19 +109,10 @@ def measure(model, technique, input_ids, new_tokens: int, repeats: int, memory: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), help="random weights of this shape instead of --model")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--configs", nargs="+", default=["dense", "streaming_llm:window=252", "snapkv:max_capacity_prompt=256"])
-    parser.add_argument("--new-tokens", type=int, default=32)
+    add_model_arguments(parser, [1024, 2048, 4096], ["dense", "streaming_llm:window=252", "snapkv:max_capacity_prompt=256"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = random_model(args.random_shape, args.dtype) if args.random_shape else load_model(args.model, dtype=args.dtype)[0]
+    model = model_from(args)
     device = model.device
     memory = PeakMemory(device)
     techniques = [parse_technique(c) for c in args.configs if c != "dense"]
@@ -113,14 +137,7 @@ def main() -> None:
                   f"({row['speedup']:.2f}x)  ttft {row['ttft_ms']:9.1f} ms  kv {row['kv_cache_mb']:8.2f} MiB  "
                   f"peak {row['peak_memory_mb']:8.1f} MiB", file=sys.stderr)
     record = {
-        "benchmark": "kv_compression",
-        "model": f"random {args.random_shape}" if args.random_shape else args.model,
-        "device": device_name(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "host": platform.node(),
-        "new_tokens": args.new_tokens,
+        **machine_record("kv_compression", args, model),
         "repeats": args.repeats,
         "wall_s": round(time.perf_counter() - started, 1),
         "rows": rows,
