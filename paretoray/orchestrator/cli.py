@@ -341,7 +341,9 @@ def _techniques() -> int:
     from paretoray.actors.declarations import technique_declarations  # cached: no torch unless the sources changed
 
     for name, declared in technique_declarations().items():
-        print(f"{name}  ({declared.phase})  {declared.summary}")
+        uses_model = declared.capabilities.get("uses_model", True)
+        decoding = ", compiled decoding" if declared.capabilities.get("static_decode") else (", eager decoding" if uses_model else "")
+        print(f"{name}  ({declared.phase}{decoding})  {declared.summary}")
         for key, param in declared.params.items():
             print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
     return 0
