@@ -204,13 +204,13 @@ def test_decode_floor_benchmark_ends_with_its_json_record(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_floor.py"
     done = subprocess.run([sys.executable, str(script), "--random-shape", "tiny", "--dtype", "float32", "--lengths", "96",
-                           "--new-tokens", "4", "--threads", "1", "--configs", "dense", "streaming_llm:window=16"],
+                           "--new-tokens", "4", "--threads", "1", "--configs", "dense"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["benchmark"] == "decode_floor" and record["read_bandwidth_gb_s"] > 0
     rows = record["rows"]
-    assert {(r["config"], r["compiled"]) for r in rows} == {(c, m) for c in ("dense", "streaming_llm(n_sink=4,window=16)") for m in (False, True)}
+    assert {(r["config"], r["compiled"]) for r in rows} == {("dense", False), ("dense", True)}
     for row in rows:
         assert row["context"] == 96 and row["ms_per_token"] > 0 and 0 < row["floor_ms_per_token"] < row["ms_per_token"]
         assert row["tokens_match"]
