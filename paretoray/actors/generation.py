@@ -49,7 +49,10 @@ def with_cache(model: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """KV bytes physically held by a cache (what compression saves), not positions masked out."""
+    """KV bytes physically held by a cache (what compression saves), not positions masked out.
+    A cache that counts its own (static_decode's slot buffers) is asked."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
     total = 0
     for layer in getattr(cache, "layers", []):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -281,7 +281,7 @@ class Technique:
                 tokens, step_s, warmup_s, agree = decode(
                     static_decode.compiled_step(model, static), first, steps, device, eos_token_ids, forced_tokens,
                     unmeasured=static_decode.warmup_watch(device))
-            kv_bytes = static.nbytes()
+            kv_bytes = cache_nbytes(static)
         return Generation(
             tokens=tokens,
             prefill_s=prefill_s,

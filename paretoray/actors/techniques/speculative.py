@@ -360,12 +360,11 @@ def speculative_generate(
     if any(t in eos_token_ids for t in tokens):
         tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
     step_s = [seconds / n for seconds, n in rounds for _ in range(n)]  # a round's time, shared by its tokens
-    kv_bytes = sum(c.nbytes() if hasattr(c, "nbytes") else cache_nbytes(c) for c in (target_cache, draft_cache))
     return Generation(
         tokens=tokens,
         prefill_s=prefill_s[0],
         step_s=step_s[: max(len(tokens) - 1, 0)],
-        kv_bytes=kv_bytes,
+        kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
         stats=asdict(stats),
         compiled=unmeasured is not None,
         warmup_s=warmup_s,
