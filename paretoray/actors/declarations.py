@@ -209,11 +209,87 @@ def _ordered(declarations: dict[str, TechniqueDeclaration] | None) -> Any:
 _FROM_FILE: dict[str, dict[str, TechniqueDeclaration]] = {}
 
 
-def technique_declarations() -> dict[str, TechniqueDeclaration]:
-    """Every registered technique's declaration, sorted by name (as `available_techniques`)."""
+def technique_declarations(names: Any = ()) -> dict[str, TechniqueDeclaration]:
+    """Every registered technique's declaration, sorted by name (as `available_techniques`), plus
+    the compositions among `names` (`outer+inner`) that are valid (an invalid one is left out:
+    `composition_declaration` says why)."""
     if _TECHNIQUES in sys.modules or os.environ.get("PARETORAY_NO_DECLARATIONS_CACHE", "") not in ("", "0"):
-        return _live()
-    return cached_declarations()
+        registry = _live()
+    else:
+        registry = cached_declarations()
+    composed = {}
+    for name in names:
+        if "+" in name and name not in registry:
+            try:
+                composed[name] = composition_declaration(name, registry)
+            except CompositionError:
+                pass
+    return {**registry, **composed} if composed else registry
+
+
+# ---- compositions: a technique built from techniques ------------------------------------------
+
+
+class CompositionError(ValueError):
+    """A composition that names an unknown member or pairs members that do not fit; says why."""
+
+
+SEPARATOR = "."  # a member's parameter in the composition: `member.param`
+
+
+def composition_declaration(name: str, registry: dict[str, TechniqueDeclaration]) -> TechniqueDeclaration:
+    """`outer+inner[+...]`: the first member takes the rest as its member (kv_quant+snapkv: SnapKV
+    chooses what is kept, kv_quant stores it quantized; self_spec+snapkv: the model drafts over a
+    SnapKV cache of itself). Each member but the last must `accept` what the next `provides`, and
+    the next must declare what the outer's `member_requires`. The composition's parameters are its
+    members' (`member.param`); its capabilities follow from theirs."""
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in registry]
+    if unknown or len(parts) < 2:
+        raise CompositionError(f"{name}: unknown member(s) {unknown}; available: {', '.join(registry)}" if unknown
+                               else f"{name}: a composition names two or more techniques joined by '+'")
+    if len(set(parts)) != len(parts):
+        raise CompositionError(f"{name}: a technique appears twice")
+    members = [registry[part] for part in parts]
+    inner = members[-1]
+    for outer in reversed(members[:-1]):
+        caps, inner_caps = outer.capabilities, inner.capabilities
+        accepts = caps.get("accepts", "")
+        if not accepts:
+            takers = [d.name for d in registry.values() if d.capabilities.get("accepts")]
+            raise CompositionError(f"{name}: {outer.name} takes no member; write the technique that takes one first "
+                                   f"(outer+inner; techniques that take a member: {', '.join(takers) or 'none'})")
+        if accepts not in inner_caps.get("provides", []):
+            raise CompositionError(f"{name}: {outer.name} takes a {accepts} technique as its member; {inner.name} is not one")
+        for flag, (value, why) in caps.get("member_requires", {}).items():
+            if inner_caps.get(flag) != value:
+                raise CompositionError(f"{name}: {outer.name} cannot take {inner.name}: {why}")
+        inner = _combined(outer, inner)
+    return TechniqueDeclaration(name, inner.phase, inner.summary, inner.params, inner.capabilities)
+
+
+def _combined(outer: TechniqueDeclaration, inner: TechniqueDeclaration) -> TechniqueDeclaration:
+    o, i = outer.capabilities, inner.capabilities
+    params = {f"{outer.name}{SEPARATOR}{k}": p for k, p in outer.params.items()}
+    params.update(inner.params if "+" in inner.name else {f"{inner.name}{SEPARATOR}{k}": p for k, p in inner.params.items()})
+    lossless = bool(o.get("lossless")) and (not o.get("member_shapes_output", True) or bool(i.get("lossless")))
+    capabilities = {
+        **o,
+        "uses_model": bool(o.get("uses_model", True)) and bool(i.get("uses_model", True)),
+        "needs_draft": bool(o.get("needs_draft")) or bool(i.get("needs_draft")),
+        "lossless": lossless,
+        "is_reference": False,
+        "measures_fidelity": not lossless,
+        "reports": list(dict.fromkeys([*o.get("reports", []), *i.get("reports", [])])),
+        "trial_timeout_s": max(float(o.get("trial_timeout_s", 3600.0)), float(i.get("trial_timeout_s", 3600.0))),
+        "static_decode": bool(o.get("static_decode")) and bool(i.get("static_decode")),
+        "decode_evicts": bool(o.get("decode_evicts")) or bool(i.get("decode_evicts")),
+        "members": [outer.name, *(inner.capabilities.get("members") or [inner.name])],
+    }
+    if "batched" in o or "batched" in i:
+        capabilities["batched"] = bool(o.get("batched", True)) and bool(i.get("batched", True))
+    summary = f"{outer.name} over {inner.name}: {outer.summary}"
+    return TechniqueDeclaration(f"{outer.name}+{inner.name}", outer.phase, summary, params, capabilities)
 
 
 def cached_declarations() -> dict[str, TechniqueDeclaration]:

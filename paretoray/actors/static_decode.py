@@ -234,6 +234,18 @@ class StaticDecodeCache(Cache):
         """KV bytes physically held: every slot, the decode region preallocated included."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def rewind(self, length: int) -> None:
+        """Forget every token at a position >= `length` (their slots become empty) and continue
+        from there: a draft's rejected proposals (self_spec). An entry a rejected token's write
+        displaced (a full ring's oldest, an H2O eviction) does not come back."""
+        for layer in self.layers:
+            for group in layer.groups:
+                stale = group.positions >= length
+                group.positions.masked_fill_(stale, -1)
+                if isinstance(getattr(group, "scores", None), torch.Tensor):
+                    group.scores.masked_fill_(stale, 0.0)
+        self.position.fill_(length)
+
 
 def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention every static cache decodes with: its layer's groups do the work."""
@@ -449,7 +461,7 @@ class RollbackCache(StaticDecodeCache):
         return compiled_forward(model, self, ids)
 
 
-def _forward(model: PreTrainedModel, cache: RollbackCache, ids: torch.Tensor) -> torch.Tensor:
+def _forward(model: PreTrainedModel, cache: StaticDecodeCache, ids: torch.Tensor) -> torch.Tensor:
     """ids [1, T] appended at the cache's position: the causal LM's logits [1, T, V], or a base
     model's last hidden states [1, T, H]."""
     position_ids = (cache.position + torch.arange(ids.shape[1], device=ids.device))[None]
@@ -462,11 +474,12 @@ _COMPILED_FORWARD: dict[str, Callable] = {}
 
 
 def compiled_forward(model: PreTrainedModel, cache: RollbackCache, ids: torch.Tensor) -> torch.Tensor:
-    """`_forward` through torch.compile (one graph per model and token count: 1, then a symbolic
-    count once a second one is seen)."""
+    """`_forward` through torch.compile (one graph per model, cache structure and token count: 1,
+    then a symbolic count once a second one is seen). A `StaticDecodeCache` takes one token a call."""
     key = ids.device.type
     if key not in _COMPILED_FORWARD:
         _COMPILED_FORWARD[key] = _compile(_forward, ids.device)
     out = _COMPILED_FORWARD[key](model, cache, ids)
-    cache.advance(ids.shape[1])
+    if isinstance(cache, RollbackCache):
+        cache.advance(ids.shape[1])
     return out

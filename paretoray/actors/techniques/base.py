@@ -86,6 +86,10 @@ class UnknownTechniqueError(KeyError):
 def technique_class(name: str) -> type[Technique]:
     from paretoray.actors import techniques  # noqa: F401  (imports every technique module once)
 
+    if "+" in name:
+        from paretoray.actors.techniques.compose import composition_class
+
+        return composition_class(name)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -107,7 +111,12 @@ def reference_technique() -> Technique:
 
 
 def build_technique(name: str, params: dict[str, Any]) -> Technique:
-    """Instantiate a registered technique; missing parameters take their declared defaults."""
+    """Instantiate a registered technique (or a composition `outer+inner`, its parameters named
+    `member.param`); missing parameters take their declared defaults."""
+    if "+" in name:
+        from paretoray.actors.techniques.compose import compose
+
+        return compose(name, params)
     cls = technique_class(name)
     unknown = set(params) - set(cls.params)
     if unknown:
@@ -130,6 +139,10 @@ def parse_technique(text: str) -> Technique:
     parameters a label writes exactly (floats with at most 4 significant digits), and
     `parse_technique(t.label).label == t.label` always."""
     text = text.strip()
+    if "+" in text:  # a composition's label: its members' labels joined by "+"
+        from paretoray.actors.techniques.compose import Composition
+
+        return Composition.of(tuple(parse_technique(part) for part in text.split("+")))
     if text.endswith(")") and "(" in text:
         name, _, args = text[:-1].partition("(")
         text = f"{name}:{args}"
@@ -188,6 +201,18 @@ class Technique:
     # (paretoray.actors.static_decode). False: it always decodes eagerly, and `static_note` says why.
     static_decode: ClassVar[bool] = False
     static_note: ClassVar[str] = ""
+    # Compositions (techniques/compose.py: `outer+inner`, a technique built from techniques):
+    # `provides` names what this technique can be to an outer one ("kv_cache": a KV cache chosen at
+    # the prefill, handed on afterwards); `accepts` the kind of member it takes ("" : none);
+    # `member_requires` the capability values its member must declare, each with the reason;
+    # `member_shapes_output`: the member changes what this technique outputs (kv_quant stores the
+    # member's entries) rather than only how fast it gets there (self_spec drafts over it).
+    # `decode_evicts`: its cache drops entries while decoding (H2O, StreamingLLM's ring, MoA's spans).
+    provides: ClassVar[tuple[str, ...]] = ()
+    accepts: ClassVar[str] = ""
+    member_requires: ClassVar[dict[str, tuple[Any, str]]] = {}
+    member_shapes_output: ClassVar[bool] = True
+    decode_evicts: ClassVar[bool] = False
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -206,6 +231,11 @@ class Technique:
             "reports": list(cls.reports),
             "trial_timeout_s": float(cls.trial_timeout_s),
             "static_decode": cls.static_decode,
+            "provides": list(cls.provides),
+            "accepts": cls.accepts,
+            "member_requires": {key: list(value) for key, value in cls.member_requires.items()},
+            "member_shapes_output": cls.member_shapes_output,
+            "decode_evicts": cls.decode_evicts,
         }
 
     def __post_init__(self) -> None:
@@ -229,6 +259,11 @@ class Technique:
     def prepare(self, model: PreTrainedModel, served_lengths: list[int]) -> None:
         """Called once per trial before any generation, with the prompt lengths (tokens) the trial
         will serve: a technique whose configuration depends on them (MoA's plan) fetches it here."""
+
+    def prepare_for_prompt(self, model: PreTrainedModel, prompt_len: int) -> None:
+        """Called before each generation outside inference mode, with its prompt's length: what
+        `applied` needs for that prompt (MoA's spans for the length) is fetched here. An outer
+        technique calls it for its member before using the member's `applied`."""
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         """The KV cache this technique decodes with; the default is the full (dense) cache."""

@@ -224,6 +224,8 @@ class ElasticSpans(Technique):
 
     phase = "sparse-attention"
     static_decode = True
+    provides = ("kv_cache",)
+    decode_evicts = True  # each head's span rolls
     reports = ("target_calls", "kv_density")  # see generate
 
     def sinks(self) -> int:

@@ -39,6 +39,7 @@ class H2O(PromptCompression):
 
     name = "h2o"
     carries_scores = True
+    decode_evicts = True  # the heavy hitters are re-chosen every decoding step
     examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25}}
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_len: int) -> int:

@@ -242,6 +242,8 @@ class StreamingLLM(Technique):
     name = "streaming_llm"
     phase = "kv-cache"
     static_decode = True
+    provides = ("kv_cache",)
+    decode_evicts = True  # the window rolls
     examples = {"covers": {}, "compresses": {"n_sink": 4, "window": 32}}
 
     def new_cache(self, model: PreTrainedModel) -> Cache:

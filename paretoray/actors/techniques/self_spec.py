@@ -1,0 +1,206 @@
+"""Self-speculative decoding: the model drafts with its own KV cache compressed, verifies with the full one.
+
+Sadhukhan et al., "MagicDec: Breaking the Latency-Throughput Tradeoff for Long Context Generation
+with Speculative Decoding" (ICLR 2025; reference code Infini-AI-Lab/MagicDec) and Sun et al.,
+"TriForce: Lossless Acceleration of Long Sequence Generation with Hierarchical Speculative
+Decoding" (COLM 2024). At long contexts and large batches a decode step reads the KV cache more
+than the weights, so the same model over a small cache (StreamingLLM's sinks + window in
+MagicDec) is a cheap draft that agrees with itself often; verification over the full cache keeps
+the output exactly the target's.
+
+The draft cache is any KV technique's (`self_spec+snapkv`, `self_spec+pyramidkv`, ...; alone,
+StreamingLLM with its defaults as in MagicDec), built by that technique's own prefill and
+continued by its own static-decode rules (`static_decode.py`: rings roll, H2O evicts). One round:
+  1. the draft reads the committed tokens it has not seen, then proposes up to `gamma` tokens one
+     at a time (stopping early, SpecDec++-style, once the chance that some proposal is rejected,
+     1 - prod(draft confidence), exceeds `stop_threshold`: the draft's own top probability stands
+     in for SpecDec++'s trained acceptance head);
+  2. the target reads [last committed, d_1..d_k] over its full cache in one forward and keeps the
+     accepted prefix plus its own next token (`speculative.verify_greedy` / `verify`);
+  3. the target's cache is cropped to the committed tokens, the draft's rewound (the slots its
+     rejected proposals took are freed).
+Both caches take the accepted tokens: the target's from its verification, the draft's from its
+own proposals (its KV for them was computed over the compressed cache, as in MagicDec).
+
+Deviations, measured in BENCHMARKS.md: the prompt is prefilled twice (the full cache, then the
+member's compressed one through its own hooks, both inside the time to first token) where MagicDec
+slices the draft cache out of one prefill; rewinding a ring does not bring back the entries the
+rejected proposals displaced (at most gamma per round, recovered as the window refills).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from paretoray.actors import static_decode
+from paretoray.actors.generation import Generation, cache_nbytes, prefill, timed, with_cache
+from paretoray.actors.techniques.base import Technique, build_technique, param, register
+from paretoray.actors.techniques.speculative import (
+    TEMPERATURE,
+    Proposal,
+    Sampler,
+    SpeculativeStats,
+    distribution,
+    roll_back,
+    verify,
+    verify_greedy,
+)
+
+DEFAULT_DRAFT_CACHE = "streaming_llm"  # MagicDec's
+
+
+@register
+@dataclass(frozen=True)
+class SelfSpec(Technique):
+    gamma: int = param("int", 4, low=1, high=32, doc="most tokens the draft proposes per round")
+    stop_threshold: float = param("float", 1.0, low=0.0, high=1.0,
+                                  doc="stop a round once 1 - prod(draft top probability) exceeds it (1: always gamma)")
+    temperature: float = TEMPERATURE.field()
+
+    name = "self_spec"
+    phase = "decode"
+    lossless = True  # the target verifies every token over its full cache
+    rollback = False
+    kv_within_dense = False  # kv_bytes counts the draft's compressed cache beside the full one
+    reports = ("drafted", "accepted", "target_calls", "draft_calls")
+    static_decode = True
+    trial_timeout_s = 7200.0
+    accepts = "kv_cache"  # self_spec+snapkv: the draft cache is SnapKV's
+    member_requires = {"static_decode": (True, "the draft decodes and rewinds over the member's static slot cache")}
+    member_shapes_output = False  # the member only decides how often the draft is right
+    examples = {"covers": {}, "one_candidate": {"gamma": 1}, "threshold": {"gamma": 6, "stop_threshold": 0.5}}
+
+    def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None,
+                 compiled=False, member: Technique | None = None, seed: int = 0) -> Generation:
+        if forced_tokens is not None or question_ids is not None:
+            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
+        member = member if member is not None else build_technique(DEFAULT_DRAFT_CACHE, {})
+        member.prepare_for_prompt(model, input_ids.shape[-1])
+        with torch.inference_mode():
+            return self_speculative_generate(self, model, member, input_ids, max_new_tokens, eos_token_ids or set(), seed, compiled)
+
+
+def draft_cache(model: PreTrainedModel, member: Technique, input_ids: torch.Tensor, room: int) -> static_decode.StaticDecodeCache:
+    """The member's cache of the prompt [1, T] (its own prefill, hooks and compression) as a static
+    slot cache with `room` more tokens."""
+    with member.applied(model) as cache:
+        model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        static = member.static_cache(model, cache, room, release=True)
+    if static is None:
+        raise ValueError(f"self_spec: {member.name} cannot continue its cache statically; it cannot be the draft cache")
+    return static
+
+
+def draft_logits(model: PreTrainedModel, cache: static_decode.StaticDecodeCache, token: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """token [1] through the model over the draft cache -> next-token logits [V]."""
+    ids = token.view(1, 1)
+    if compiled:
+        return static_decode.compiled_forward(model, cache, ids)[0, -1]
+    with static_decode.static_attention_installed(model):
+        return static_decode._forward(model, cache, ids)[0, -1]
+
+
+def propose(model, cache, technique: SelfSpec, sampler: Sampler, pending: torch.Tensor, room: int, compiled: bool,
+            stats: SpeculativeStats) -> Proposal:
+    """Phase 1: catch up on `pending` [P] committed tokens, then propose until gamma, the stopping
+    rule or `room`."""
+    for token in pending[:-1]:
+        draft_logits(model, cache, token, compiled)
+        stats.draft_calls += 1
+    token = pending[-1]
+    tokens, dists, confident = [], [], 1.0
+    while True:
+        logits = draft_logits(model, cache, token, compiled)  # [V]
+        if sampler.greedy:
+            token, q = logits.argmax(), None
+        else:
+            q = distribution(logits[None], sampler.temperature)[0]
+            token = torch.multinomial(q, 1, generator=sampler.generator)[0]
+            dists.append(q)
+        tokens.append(token)
+        if len(tokens) >= min(technique.gamma, room):
+            break
+        if technique.stop_threshold < 1.0:  # SpecDec++'s rule with the draft's confidence (one host read)
+            confident *= float(q[token] if q is not None else torch.softmax(logits.float(), -1).max())
+            if 1.0 - confident > technique.stop_threshold:
+                break
+    stats.draft_calls += len(tokens)  # one draft forward per proposal
+    return Proposal(torch.stack(tokens), torch.stack(dists) if dists else None)
+
+
+def target_logits(model: PreTrainedModel, cache, ids: torch.Tensor) -> torch.Tensor:
+    """ids [T] over the target's full cache -> logits [T, V]."""
+    if isinstance(cache, static_decode.RollbackCache):
+        return cache.forward(model, ids[None])[0]
+    return model(input_ids=ids[None], **with_cache(model, cache), use_cache=True).logits[0]
+
+
+def self_speculative_generate(technique: SelfSpec, model: PreTrainedModel, member: Technique, input_ids: torch.Tensor,
+                              max_new_tokens: int, eos_token_ids: set[int], seed: int = 0, compiled: bool = False) -> Generation:
+    device = input_ids.device
+    sampler = Sampler.of(technique.temperature, seed, device)
+    stats = SpeculativeStats()
+    sequence = input_ids[0].tolist()
+    prompt_len = len(sequence)
+    room = max_new_tokens + technique.gamma + 2
+
+    prefill_s: list[float] = []
+    with timed(device, prefill_s):
+        full = DynamicCache(config=model.config)
+        logits = model(input_ids=input_ids, **with_cache(model, full), use_cache=True, logits_to_keep=1).logits
+        sequence.append(sampler.first(logits[0, -1]))
+        draft = draft_cache(model, member, input_ids, room)
+    target = static_decode.RollbackCache(model, full, room) if compiled else full
+    if compiled:
+        del full
+    draft_len = prompt_len  # tokens the draft cache has read
+
+    rounds: list[tuple[float, int]] = []
+    warmup_s = 0.0
+    unmeasured = static_decode.warmup_watch(device) if compiled else None
+    with static_decode.static_attention_installed(model) if compiled else nullcontext():
+        while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
+            took: list[float] = []
+            with timed(device, took):
+                pending = torch.tensor(sequence[draft_len:], device=device)
+                left = max_new_tokens - (len(sequence) - prompt_len)
+                proposal = propose(model, draft, technique, sampler, pending, left, compiled, stats)
+                draft_len = len(sequence) + len(proposal.tokens) - 1
+                logits = target_logits(model, target, torch.cat([pending[-1:], proposal.tokens]))  # [k + 1, V]
+                if sampler.greedy:
+                    new = verify_greedy(logits, proposal.tokens)
+                else:
+                    drafted = proposal.tokens.tolist()
+                    accepted, following = verify(distribution(logits, sampler.temperature), proposal.q, drafted, sampler.generator)
+                    new = drafted[:accepted] + [following]
+                committed = len(sequence) + len(new) - 1
+                roll_back(target, committed)
+                if draft_len > committed:
+                    draft.rewind(committed)
+                    draft_len = committed
+                sequence.extend(new)
+            stats.drafted += len(proposal.tokens)
+            stats.accepted += len(new) - 1
+            stats.target_calls += 1
+            if unmeasured is not None and unmeasured(stats.target_calls - 1):
+                warmup_s += took[0]
+            else:
+                rounds.append((took[0], len(new)))
+
+    tokens = sequence[prompt_len:][:max_new_tokens]
+    if any(t in eos_token_ids for t in tokens):
+        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
+    step_s = [seconds / n for seconds, n in rounds for _ in range(n)]
+    return Generation(
+        tokens=tokens,
+        prefill_s=prefill_s[0],
+        step_s=step_s[: max(len(tokens) - 1, 0)],
+        kv_bytes=cache_nbytes(target) + cache_nbytes(draft),
+        stats=asdict(stats),
+        compiled=compiled,
+        warmup_s=warmup_s,
+    )

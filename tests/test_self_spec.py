@@ -1,0 +1,113 @@
+"""self_spec (self-speculative decoding over a compressed cache of the model itself): lossless under
+greedy for every KV technique as the draft cache, eager and compiled; distribution-correct under
+sampling; the draft cache's rewind; the stopping rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from paretoray.actors import static_decode
+from paretoray.actors.techniques import build_technique
+from paretoray.actors.techniques.self_spec import draft_cache
+
+DRAFT_CACHES = [
+    ("self_spec", {}),  # StreamingLLM with its defaults (MagicDec's draft), here holding everything
+    ("self_spec+streaming_llm", {"streaming_llm.n_sink": 4, "streaming_llm.window": 16}),
+    ("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32, "snapkv.window_size": 8, "self_spec.gamma": 6}),
+    ("self_spec+pyramidkv", {"pyramidkv.max_capacity_prompt": 40, "pyramidkv.window_size": 4}),
+    ("self_spec+h2o", {"h2o.max_capacity_prompt": 24}),
+    ("self_spec+uniform_window", {"uniform_window.density": 0.2, "uniform_window.sink_tokens": 8}),
+    ("self_spec+dense", {"self_spec.gamma": 3}),
+    ("self_spec+streaming_llm", {"streaming_llm.window": 8, "self_spec.gamma": 8, "self_spec.stop_threshold": 0.3}),
+]
+
+
+def prompt(model, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(4, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,params", DRAFT_CACHES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DRAFT_CACHES)])
+def test_greedy_output_is_the_models_own(tiny_model, name, params):
+    model, _ = tiny_model
+    ids = prompt(model, 150, seed=3)
+    dense = build_technique("dense", {}).generate(model, ids, 40)
+    run = build_technique(name, params).generate(model, ids, 40)
+    assert run.tokens == dense.tokens
+    stats = run.stats
+    assert stats["target_calls"] >= 1 and 0 <= stats["accepted"] <= stats["drafted"]
+    # Each round commits its accepted tokens plus the target's own (the last round may overshoot the budget).
+    assert len(run.tokens) - 1 <= stats["accepted"] + stats["target_calls"] < len(run.tokens) + 8
+
+
+def test_a_draft_cache_holding_everything_is_always_right(tiny_model):
+    """With dense as the draft cache the draft is the target: every proposal is accepted."""
+    model, _ = tiny_model
+    run = build_technique("self_spec+dense", {"self_spec.gamma": 4}).generate(model, prompt(model, 60, 1), 21)
+    # The first token comes from the prefill, then 4 rounds of 4 accepted + the target's own.
+    assert run.stats["accepted"] == run.stats["drafted"] == 16
+    assert run.stats["target_calls"] == 4
+
+
+def test_the_draft_cache_is_compressed_and_counted(tiny_model):
+    model, _ = tiny_model
+    ids = prompt(model, 150, seed=4)
+    dense = build_technique("dense", {}).generate(model, ids, 10)
+    small = build_technique("self_spec+snapkv", {"snapkv.max_capacity_prompt": 16, "snapkv.window_size": 4}).generate(model, ids, 10)
+    full = build_technique("self_spec+dense", {}).generate(model, ids, 10)
+    assert dense.kv_bytes < small.kv_bytes < full.kv_bytes  # target's full cache + a small draft cache
+
+
+def test_stop_threshold_zero_proposes_one_token_a_round(tiny_model):
+    model, _ = tiny_model
+    run = build_technique("self_spec", {"gamma": 8, "stop_threshold": 0.0}).generate(model, prompt(model, 40, 2), 16)
+    assert run.stats["drafted"] == run.stats["target_calls"]
+
+
+def test_rewind_frees_the_slots_of_rejected_tokens(tiny_model):
+    model, _ = tiny_model
+    ids = prompt(model, 50, seed=5)
+    cache = draft_cache(model, build_technique("streaming_llm", {"n_sink": 2, "window": 60}), ids, room=8)
+    with torch.inference_mode(), static_decode.static_attention_installed(model):
+        for token in (7, 8, 9):
+            static_decode._forward(model, cache, torch.tensor([[token]]))
+    positions = cache.layers[0].groups[0].positions
+    assert int(cache.position) == 53 and positions.max() == 52
+    cache.rewind(51)
+    assert int(cache.position) == 51 and positions.max() == 50
+    assert int((positions >= 0).sum()) == 51 * positions.shape[1]
+
+
+def test_compiled_tokens_equal_eager(tiny_model):
+    model, _ = tiny_model
+    ids = prompt(model, 120, seed=6)
+    technique = build_technique("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32, "snapkv.window_size": 8})
+    eager = technique.generate(model, ids, 24)
+    compiled = technique.generate(model, ids, 24, compiled=True)
+    assert compiled.compiled and not eager.compiled
+    assert compiled.tokens == eager.tokens
+
+
+def test_sampling_follows_the_targets_distribution(tiny_model):
+    """The token after the first, over many seeds, against the target's own next-token
+    distribution given the prompt and that first token (the first is sampled from the target)."""
+    model, _ = tiny_model
+    ids = prompt(model, 40, seed=7)
+    technique = build_technique("self_spec+streaming_llm", {"self_spec.temperature": 0.7, "self_spec.gamma": 3,
+                                                            "streaming_llm.window": 4, "streaming_llm.n_sink": 1})
+    samples = 600
+    observed = torch.zeros(model.config.vocab_size)
+    expected = torch.zeros(model.config.vocab_size)
+    variance = torch.zeros(model.config.vocab_size)
+    with torch.inference_mode():
+        for seed in range(samples):
+            tokens = technique.generate(model, ids, 2, seed=seed).tokens
+            logits = model(torch.cat([ids, torch.tensor([[tokens[0]]])], dim=1)).logits[0, -1]
+            p = torch.softmax(logits.float() / 0.7, dim=-1)
+            observed[tokens[1]] += 1
+            expected += p
+            variance += p * (1 - p)
+    assert (observed - expected).abs().le(5 * variance.sqrt() + 1).all(), (observed - expected).abs().max()
+    assert math.isclose(float(expected.sum()), samples, rel_tol=1e-4)
