@@ -233,10 +233,12 @@ def decode_with(model, cache, first: torch.Tensor, steps: int) -> tuple[list[int
 
 
 @pytest.mark.parametrize("compressor", [{"name": "snapkv", "max_capacity_prompt": 48, "window_size": 8},
+                                        {"name": "snapkv", "max_capacity_prompt": 48, "window_size": 8, "gqa": "per_query_head"},
                                         {"name": "pyramidkv", "max_capacity_prompt": 48, "window_size": 8}])
 def test_adopt_a_compressed_cache_and_keep_decoding(tiny_model, compressor):
     """SnapKV / PyramidKV keep 48 (PyramidKV: a different count per layer) of 150 prompt entries;
-    adopting quantizes them, positions continue at 150, and decoding follows the unquantized cache."""
+    adopting quantizes them, positions continue at 150, and decoding follows the unquantized cache.
+    per_query_head stores one head per query head: the adopted layers repeat arriving tokens too."""
     model, _ = tiny_model
     ids = prompt_ids(model, 150, seed=5)
     params = dict(compressor)
@@ -252,7 +254,7 @@ def test_adopt_a_compressed_cache_and_keep_decoding(tiny_model, compressor):
         assert adopted.get_seq_length() == 150
         assert cache_nbytes(adopted) < cache_nbytes(compressed)
         for source, layer in zip(compressed.layers, adopted.layers):
-            assert layer.stored == source.keys.shape[-2] and layer.seen == 150
+            assert layer.stored == source.keys.shape[-2] and layer.seen == 150 and layer.repeat == source.repeat
             keys, values = layer.dequantized()
             for got, original in ((keys, source.keys), (values, source.values)):
                 step = (original.amax() - original.amin()) / 255  # 8 bits: at most half a step of any group

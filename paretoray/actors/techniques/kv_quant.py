@@ -26,7 +26,9 @@ are all quantized, keys keep only the group being filled) and the rule is the re
 is a positive multiple of group_size. (2) A group whose values are all equal (scale 0, which the
 reference turns into NaN) stores code 0 and dequantizes to its value exactly. (3) head dims not a
 multiple of group_size get a smaller last value group; packing pads the channel axis to whole bytes.
-(4) The reference keeps K and V bits apart (`k_bits`, `v_bits`); here one `bits` covers both.
+(4) Codes and dequantized states are computed in fp32 from the stored (model-dtype) scales and
+minima; the reference computes in fp16. (5) The reference keeps K and V bits apart (`k_bits`,
+`v_bits`); here one `bits` covers both.
 Dequantization here is plain torch, the whole quantized part at every step (the reference has fused
 CUDA kernels that read the packed codes); it decodes eagerly (`static_decode = False`).
 
@@ -79,9 +81,12 @@ def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
 def minmax_codes(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest codes of x given its group's min and max (broadcast): (codes, scale).
-    A constant group (scale 0) gets code 0, so it dequantizes to its min exactly."""
+    The scale is kept in x's dtype (as stored); the codes are computed in fp32 from the stored scale
+    and min, so a bf16 model's 8-bit codes are not off by one. A constant group (scale 0) gets code 0,
+    so it dequantizes to its min exactly."""
     scale = (high - low) / (2**bits - 1)
-    codes = ((x - low) / torch.where(scale == 0, torch.ones_like(scale), scale)).round().clamp(0, 2**bits - 1)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    codes = ((x.float() - low.float()) / divisor).round().clamp(0, 2**bits - 1)
     return codes, scale
 
 
@@ -116,11 +121,11 @@ def quantize_keys(keys: torch.Tensor, bits: int, group: int) -> QuantizedKeys:
 
 
 def dequantize_keys(q: QuantizedKeys, bits: int, group: int, dim: int) -> torch.Tensor:
-    """-> [B, H, n, D] in the scales' dtype."""
+    """-> [B, H, n, D] in the scales' dtype (computed in fp32, rounded once)."""
     codes = unpack(q.codes, bits, dim)
     batch, heads, n, _ = codes.shape
-    grouped = codes.view(batch, heads, n // group, group, dim).to(q.scale.dtype)
-    return (grouped * q.scale.unsqueeze(3) + q.zero.unsqueeze(3)).view(batch, heads, n, dim)
+    grouped = codes.view(batch, heads, n // group, group, dim).float()
+    return (grouped * q.scale.unsqueeze(3).float() + q.zero.unsqueeze(3).float()).view(batch, heads, n, dim).to(q.scale.dtype)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group: int) -> QuantizedValues:
@@ -137,11 +142,11 @@ def quantize_values(values: torch.Tensor, bits: int, group: int) -> QuantizedVal
 
 
 def dequantize_values(q: QuantizedValues, bits: int, group: int, dim: int) -> torch.Tensor:
-    """-> [B, H, n, D] in the scales' dtype."""
+    """-> [B, H, n, D] in the scales' dtype (computed in fp32, rounded once)."""
     groups = q.scale.shape[-1]
-    codes = unpack(q.codes, bits, dim).to(q.scale.dtype)
+    codes = unpack(q.codes, bits, dim).float()
     codes = torch.nn.functional.pad(codes, (0, groups * group - dim)).view(*codes.shape[:-1], groups, group)
-    return (codes * q.scale.unsqueeze(-1) + q.zero.unsqueeze(-1)).flatten(-2)[..., :dim]
+    return (codes * q.scale.unsqueeze(-1).float() + q.zero.unsqueeze(-1).float()).flatten(-2)[..., :dim].to(q.scale.dtype)
 
 
 def _append(old, new, cls):
