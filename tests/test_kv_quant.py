@@ -220,6 +220,8 @@ def test_adopting_a_dense_prefill_equals_quantizing_in_update(tiny_model):
         assert counts(a) == counts(b) == (64, 38)
         for x, y in zip(a.dequantized(), b.dequantized()):
             assert torch.equal(x, y)
+    with pytest.raises(TypeError, match="already quantized"):
+        technique.adopt(model, own)
 
 
 def decode_with(model, cache, first: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:

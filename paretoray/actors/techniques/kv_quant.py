@@ -246,6 +246,11 @@ class KIVILayer(DynamicLayer):
         stored = self.stored
         return stored + query_length, self.seen - stored
 
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.quantized_keys = self.quantized_values = None
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a quantized KV cache cannot be rolled back (its tokens are quantized once)")
 
@@ -307,6 +312,8 @@ class KVQuant(Technique):
         """
         layers = []
         for source in cache.layers:
+            if isinstance(source, KIVILayer):
+                raise TypeError(f"{self.name}: the cache is already quantized (its keys/values are only the residuals)")
             layer = self.new_layer(getattr(source, "repeat", 1))
             keys, values = getattr(source, "keys", None), getattr(source, "values", None)
             if getattr(source, "is_initialized", False) and keys is not None and keys.numel():
