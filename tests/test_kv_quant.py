@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.cache_utils import Cache
 
-from paretoray.actors.generation import cache_nbytes, greedy_generate, with_cache
+from paretoray.actors.generation import cache_nbytes, with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.kv_quant import (
     KIVILayer,
@@ -255,6 +256,7 @@ def test_adopt_a_compressed_cache_and_keep_decoding(tiny_model, compressor):
         adopted = technique.adopt(model, compressed)
         assert adopted.get_seq_length() == 150
         assert cache_nbytes(adopted) < cache_nbytes(compressed)
+        assert cache_nbytes(Cache(layers=adopted.layers)) == adopted.nbytes()  # layers count their own bytes
         for source, layer in zip(compressed.layers, adopted.layers):
             assert layer.stored == source.keys.shape[-2] and layer.seen == 150 and layer.repeat == source.repeat
             keys, values = layer.dequantized()
@@ -287,3 +289,22 @@ def test_context_only_placement_appends_the_question_as_one_chunk(tiny_model):
         model(input_ids=question, **with_cache(model, cache), use_cache=True)
     assert cache.get_seq_length() == 111
     assert [counts(layer) for layer in cache.layers] == [(96, 79)] * len(cache.layers)
+
+
+def test_adopted_cache_takes_a_chunk_inside_the_compressors_context(tiny_model):
+    """Composed use: PyramidKV compresses (different lengths per layer), kv_quant adopts, and a
+    5-token chunk (a question) runs under the compressor's end-aligned attention, close to the same
+    chunk on the unquantized compressed cache."""
+    model, _ = tiny_model
+    ids, chunk = prompt_ids(model, 150, seed=9), prompt_ids(model, 5, seed=10)
+    press = build_technique("pyramidkv", {"max_capacity_prompt": 48, "window_size": 8})
+    technique = build_technique("kv_quant", {"bits": 8, "group_size": 16, "residual_length": 0})
+    with torch.inference_mode(), press.applied(model) as compressed:
+        model(input_ids=ids, **with_cache(model, compressed), use_cache=True)
+        assert len({layer.keys.shape[-2] for layer in compressed.layers}) > 1
+        adopted = technique.adopt(model, compressed)
+        quantized = model(input_ids=chunk, **with_cache(model, adopted), use_cache=True).logits
+        exact = model(input_ids=chunk, **with_cache(model, compressed), use_cache=True).logits
+    torch.testing.assert_close(quantized, exact, rtol=0, atol=0.05)
+    assert adopted.get_seq_length() == 155
+    assert [layer.stored for layer in adopted.layers] == [layer.keys.shape[-2] for layer in compressed.layers]
