@@ -50,11 +50,14 @@ def with_cache(model: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
 
 def cache_nbytes(cache: Cache) -> int:
     """KV bytes physically held by a cache (what compression saves), not positions masked out.
-    A cache that counts its own (static_decode's slot buffers) is asked."""
+    A cache that counts its own (static_decode's slot buffers) is asked, and so is a layer that does."""
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
     total = 0
     for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):  # a layer that stores more than `keys`/`values` (kv_quant's packed codes)
+            total += layer.nbytes()
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
