@@ -256,6 +256,9 @@ def composition_declaration(name: str, registry: dict[str, TechniqueDeclaration]
         caps, inner_caps = outer.capabilities, inner.capabilities
         accepts = caps.get("accepts", "")
         if not accepts:
+            if len(parts) == 2 and registry[parts[1]].capabilities.get("accepts"):
+                raise CompositionError(f"{name}: {outer.name} takes no member; the outer technique comes first: "
+                                       f"{parts[1]}+{parts[0]}")
             takers = [d.name for d in registry.values() if d.capabilities.get("accepts")]
             raise CompositionError(f"{name}: {outer.name} takes no member; write the technique that takes one first "
                                    f"(outer+inner; techniques that take a member: {', '.join(takers) or 'none'})")

@@ -54,7 +54,7 @@ def is_reference(technique: str | None) -> bool:
 
     try:
         return bool(technique_class(technique).is_reference)
-    except UnknownTechniqueError:
+    except (UnknownTechniqueError, ValueError):  # unknown, or a composition whose members no longer fit
         return False
 
 

@@ -338,7 +338,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _techniques() -> int:
-    from paretoray.actors.declarations import technique_declarations  # cached: no torch unless the sources changed
+    from paretoray.actors.declarations import CompositionError, composition_declaration, technique_declarations  # cached: no torch
 
     for name, declared in technique_declarations().items():
         uses_model = declared.capabilities.get("uses_model", True)
@@ -346,6 +346,19 @@ def _techniques() -> int:
         print(f"{name}  ({declared.phase}{decoding})  {declared.summary}")
         for key, param in declared.params.items():
             print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
+    declared = technique_declarations()
+    takers = {name: d for name, d in declared.items() if d.capabilities.get("accepts")}
+    if takers:
+        print("\ncompositions (a sweep's `techniques:` key outer+inner, each member's parameters under its name):")
+        for name, d in takers.items():
+            fits = []
+            for inner in declared:
+                try:
+                    composition_declaration(f"{name}+{inner}", declared)
+                    fits.append(inner)
+                except CompositionError:
+                    pass
+            print(f"    {name}+INNER   INNER one of: {', '.join(fits) or 'none'}")
     return 0
 
 

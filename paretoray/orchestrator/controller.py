@@ -100,7 +100,7 @@ def prepare_models(spec: SweepSpec) -> None:
     """
     from paretoray.actors.declarations import technique_declarations
 
-    declared = technique_declarations()
+    declared = technique_declarations(spec.techniques)
     if not any(declared[name].uses_model for name in spec.techniques if name in declared):
         return  # no trial loads the model (noop)
     from paretoray.actors import artifacts
@@ -125,7 +125,7 @@ def prepare_samples(spec: SweepSpec, remote: bool = False) -> int:
     Returns the number of samples (0: not built here)."""
     from paretoray.actors.declarations import technique_declarations
 
-    declared = technique_declarations()
+    declared = technique_declarations(spec.techniques)
     if not any(declared[name].uses_model for name in spec.techniques if name in declared):
         return 0
     from paretoray.actors.models import ModelLoadError, load_tokenizer
@@ -234,7 +234,7 @@ class Controller:
                     raise SweepError(str(error)) from None
                 bar = tqdm(total=target, initial=min(done_before, target), desc=f"sweep {self.name}", unit="trial",
                            disable=not progress, dynamic_ncols=True)
-                self._dispatcher = Dispatcher(book, pool, TrialTimeouts(self.spec.actors.trial_timeout_s, declared_timeouts()),
+                self._dispatcher = Dispatcher(book, pool, TrialTimeouts(self.spec.actors.trial_timeout_s, declared_timeouts(self.spec.techniques)),
                                               self.spec.actors.max_trial_retries, lease=lease, bar=bar)
                 stats = self._dispatcher.run(target)
             finished = True
@@ -267,8 +267,8 @@ class Controller:
         )
 
 
-def declared_timeouts() -> dict[str, float]:
+def declared_timeouts(names=()) -> dict[str, float]:
     """Each technique's family timeout for a trial (`Technique.trial_timeout_s`), from its declarations."""
     from paretoray.actors.declarations import technique_declarations
 
-    return {name: float(d.capabilities.get("trial_timeout_s", 3600.0)) for name, d in technique_declarations().items()}
+    return {name: float(d.capabilities.get("trial_timeout_s", 3600.0)) for name, d in technique_declarations(names).items()}

@@ -25,7 +25,7 @@ def compile_horizon(spec) -> dict[str, int]:
     and the graphs it may compile (dense's, and one per swept technique that compiles)."""
     from paretoray.actors.declarations import technique_declarations
 
-    declared = technique_declarations()
+    declared = technique_declarations(spec.techniques)
     compiling = [name for name in spec.techniques
                  if name in declared and declared[name].capabilities.get("static_decode")
                  and not declared[name].capabilities.get("is_reference")]

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from paretoray.actors.declarations import Param, technique_declarations
+from paretoray.actors.declarations import SEPARATOR, CompositionError, Param, composition_declaration, technique_declarations
 from paretoray.actors.metrics import metric_direction, metric_names, unproduced
 from paretoray.actors.tasks import task_class
 from paretoray.actors.workload import Workload
@@ -303,10 +303,29 @@ def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
     registry = technique_declarations()
     space: dict[str, list[Dimension]] = {}
     for technique, body in spec.techniques.items():
-        if technique not in registry:
+        if "+" in technique:  # a composition: each member's parameters under the member's name
+            try:
+                declared = composition_declaration(technique, registry).params
+            except CompositionError as error:
+                problems.append((f"techniques.{technique}", str(error).partition(": ")[2]))
+                continue
+            members = technique.split("+")
+            flat: dict[str, Any] = {}
+            for member, member_body in body.items():
+                if member not in members:
+                    problems.append((f"techniques.{technique}.{member}", f"not a member; write each member's parameters "
+                                     f"under its name: {', '.join(members)}"))
+                elif member_body is not None and not isinstance(member_body, dict):
+                    problems.append((f"techniques.{technique}.{member}", f"expected the member's parameters (a mapping), "
+                                     f"got {short_repr(member_body)}"))
+                else:
+                    flat.update({f"{member}{SEPARATOR}{name}": entry for name, entry in (member_body or {}).items()})
+            body = flat
+        elif technique not in registry:
             problems.append((f"techniques.{technique}", f"unknown technique; available: {', '.join(registry)}"))
             continue
-        declared = registry[technique].params
+        else:
+            declared = registry[technique].params
         dims = []
         for name, entry in body.items():
             path = f"techniques.{technique}.{name}"
@@ -347,7 +366,7 @@ def constraints(spec: SweepSpec) -> list[Constraint]:
 
 def _check_objectives(spec: SweepSpec) -> list[tuple[str, str]]:
     problems = []
-    registry = technique_declarations()
+    registry = technique_declarations(spec.techniques)
     needing = [name for name in spec.techniques if name in registry and registry[name].needs_draft]
     if needing and spec.model.draft is None:
         problems.append(("model.draft", f"{', '.join(needing)} need a draft model: set model: {{id: ..., draft: PATH}}"))
@@ -366,7 +385,7 @@ def _check_produced(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
     """An objective or a constraint must name a metric that every swept technique reports on this
     workload (as the metric's registry entry declares): otherwise every trial of some technique would
     miss it (a KeyError, or a constraint no trial can meet)."""
-    registry = technique_declarations()
+    registry = technique_declarations(spec.techniques)
     swept = {name: registry[name] for name in spec.techniques if name in registry}
     named = [(f"objectives.{name}", name) for name in spec.objectives]
     for i, text in enumerate(spec.constraints):

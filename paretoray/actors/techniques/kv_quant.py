@@ -52,6 +52,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
+from paretoray.actors.generation import Generation, cache_nbytes, decode, eager_step, prefill, timed
 from paretoray.actors.techniques.base import Technique, param, register
 
 
@@ -298,6 +299,36 @@ class KVQuant(Technique):
         """Dense prefill through `update`: the prompt attends in full precision, then all but the
         residual is quantized (KIVI's prefill); decoding quantizes as the residual fills."""
         return KIVICache([self.new_layer() for _ in range(model.config.num_hidden_layers)])
+
+    # Composition: kv_quant+snapkv stores what SnapKV keeps, quantized (the member prefills with its
+    # own hooks and selection; `adopt` takes its kept entries). A member that evicts while decoding
+    # would stop evicting once its entries are adopted: refused.
+    accepts = "kv_cache"
+    member_requires = {"decode_evicts": (False, "kv_quant continues the member's kept entries append-only, "
+                                         "so a member that evicts while decoding would silently stop evicting")}
+    provides = ("kv_cache",)
+
+    def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None,
+                 compiled=False, member: Technique | None = None) -> Generation:
+        """Alone: KIVI's cache from the prefill on. With a `member` (a composition): the member's
+        prefill chooses the entries, which are then quantized (`adopt`, timed in the prefill) and
+        decoded eagerly."""
+        if member is None:
+            return super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, question_ids, compiled)
+        member.prepare_for_prompt(model, input_ids.shape[-1])
+        with torch.inference_mode():
+            steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
+            with member.applied(model) as cache:
+                first, prefill_s = prefill(model, input_ids, cache, question_ids)
+            adopt_s: list[float] = []
+            with timed(input_ids.device, adopt_s):
+                quantized = self.adopt(model, cache)
+            del cache
+            tokens, step_s, warmup_s, agree = decode(
+                eager_step(model, quantized), first, steps, input_ids.device, eos_token_ids, forced_tokens)
+            return Generation(
+                tokens=tokens, prefill_s=prefill_s + adopt_s[0], step_s=step_s, kv_bytes=cache_nbytes(quantized),
+                agreement=(agree / steps) if forced_tokens is not None and steps else None, warmup_s=warmup_s)
 
     @torch.no_grad()
     def adopt(self, model: PreTrainedModel, cache: Cache) -> KIVICache:

@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from paretoray.actors import static_decode
-from paretoray.actors.generation import Generation, cache_nbytes, prefill, timed, with_cache
+from paretoray.actors.generation import Generation, cache_nbytes, timed, with_cache
 from paretoray.actors.techniques.base import Technique, build_technique, param, register
 from paretoray.actors.techniques.speculative import (
     TEMPERATURE,
