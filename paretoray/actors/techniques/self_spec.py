@@ -64,7 +64,7 @@ class SelfSpec(Technique):
     name = "self_spec"
     phase = "decode"
     lossless = True  # the target verifies every token over its full cache
-    rollback = False
+    rollback = True  # the target's full cache (what `applied` yields) crops exactly; the draft's is rewound
     kv_within_dense = False  # kv_bytes counts the draft's compressed cache beside the full one
     reports = ("drafted", "accepted", "target_calls", "draft_calls")
     static_decode = True
