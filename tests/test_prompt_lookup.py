@@ -203,3 +203,22 @@ def test_sampled_tokens_follow_the_target_distribution_end_to_end(tiny_model, re
     marginal = first @ second
     tolerance = 5 * (marginal * (1 - marginal) / samples).sqrt() + 1e-3
     assert ((counts / samples) - marginal).abs().le(tolerance).all()
+
+
+def test_a_sweep_of_it_needs_no_draft_and_reports_speculative_metrics(tmp_path):
+    import yaml
+
+    from paretoray.orchestrator.spec import load_spec
+
+    spec = {
+        "name": "pld",
+        "model": "smollm2-135m",  # no `draft:` — prompt lookup has none
+        "workload": {"task": "passkey", "context_lengths": [256]},
+        "techniques": {"prompt_lookup": {"ngram_size": [1, 3], "max_candidates": {"low": 2, "high": 16}}},
+        "objectives": {"acceptance_rate": "maximize", "speedup": "maximize"},
+        "constraints": ["target_calls_per_token <= 1"],
+        "trials": 2,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert load_spec(path).model.draft is None
