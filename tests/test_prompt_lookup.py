@@ -151,7 +151,7 @@ def test_one_hot_draft_verification_reproduces_the_target_distribution():
     generator = torch.Generator().manual_seed(0)
     p = torch.rand(3, vocab, generator=generator).pow(3).softmax(-1)  # target rows for [last, d_1, d_2]
     candidates = np.array([int(p[0].argsort()[3]), int(p[1].argsort()[2])])  # middling, neither certain
-    proposal = one_hot_proposal(candidates, vocab, Sampler.of(1.0, 0, torch.device("cpu")), torch.device("cpu"))
+    proposal = one_hot_proposal(torch.from_numpy(candidates), vocab, Sampler.of(1.0, 0, torch.device("cpu")))
     assert proposal.q.tolist() == torch.eye(vocab)[candidates].tolist()
     first, second = torch.zeros(vocab), torch.zeros(vocab)
     for _ in range(samples):

@@ -65,11 +65,10 @@ def lookup(tokens: np.ndarray, ngram_size: int, max_candidates: int) -> np.ndarr
     return tokens[:0]
 
 
-def one_hot_proposal(candidates: np.ndarray, vocab_size: int, sampler: Sampler, device: torch.device) -> Proposal:
-    """Candidates [k] as a `Proposal`: a deterministic draft, q_i one-hot on d_i (sampling only).
-    With it `speculative.verify` accepts d_i with probability p_i(d_i) and resamples a rejection
-    from p_i with d_i zeroed, renormalized (max(0, p - q) = p off d_i)."""
-    tokens = torch.tensor(candidates, dtype=torch.long, device=device)  # a copy: `candidates` views the host buffer
+def one_hot_proposal(tokens: torch.Tensor, vocab_size: int, sampler: Sampler) -> Proposal:
+    """Candidates [k] (device) as a `Proposal`: a deterministic draft, q_i one-hot on d_i (sampling
+    only). With it `speculative.verify` accepts d_i with probability p_i(d_i) and resamples a
+    rejection from p_i with d_i zeroed, renormalized (max(0, p - q) = p off d_i)."""
     q = None if sampler.greedy else torch.nn.functional.one_hot(tokens, vocab_size).float()  # [k, V]
     return Proposal(tokens, q)
 
@@ -158,8 +157,10 @@ def lookup_generate(
                 candidates = lookup(sequence[:length], technique.ngram_size, min(technique.max_candidates, remaining - 1))
                 ends = [i for i, t in enumerate(candidates.tolist()) if t in eos_token_ids]
                 candidates = candidates[: ends[0] + 1] if ends else candidates
-                last = torch.tensor(sequence[length - 1: length], device=device)  # [1]
-                new = verify_proposal(target, cache, last, one_hot_proposal(candidates, vocab_size, sampler, device), sampler)
+                # [last committed token, d_1..d_k] in one host-to-device copy (a copy: the lookup's
+                # candidates view the host buffer)
+                ids = torch.tensor(np.concatenate([sequence[length - 1: length], candidates]), device=device)
+                new = verify_proposal(target, cache, ids[:1], one_hot_proposal(ids[1:], vocab_size, sampler), sampler)
                 roll_back(cache, length + len(new) - 1)  # all but the newest token, not fed yet
                 sequence[length: length + len(new)] = new
                 length += len(new)
