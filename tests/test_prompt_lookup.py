@@ -65,6 +65,7 @@ def test_never_proposes_past_the_end_nor_matches_the_suffix_itself():
     assert proposed([1, 2, 1, 2], 2, 10) == [1, 2]  # what follows the match, up to the last token
     assert proposed([7, 7, 7], 2, 10) == [7]  # [7, 7] at 0: only one token follows it
     assert proposed([4, 4], 3, 10) == [4]  # n capped at length - 1
+    assert proposed([1, 2, 1, 2], 2, 0) == []  # no room left in the budget: no search
 
 
 # ---- lossless greedy decoding ------------------------------------------------------------------

@@ -52,6 +52,8 @@ def lookup(tokens: np.ndarray, ngram_size: int, max_candidates: int) -> np.ndarr
     tokens[L-n:] with i < L - n (the suffix itself excluded, so k >= 1); [0] when no n matches.
     """
     length = len(tokens)
+    if max_candidates < 1:
+        return tokens[:0]
     for n in range(min(ngram_size, length - 1), 0, -1):
         pattern = tokens[length - n:]
         # hits[i]: window i (i = 0 .. L-n-1) equals the pattern, compared one offset at a time.
