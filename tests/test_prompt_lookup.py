@@ -132,13 +132,14 @@ def test_rollback_leaves_the_cache_equal_to_a_fresh_prefill(tiny_model, repetiti
         torch.testing.assert_close(kept.values, reference.values, rtol=1e-4, atol=1e-5)
 
 
-def test_refuses_teacher_forcing_and_context_only_placement(tiny_model):
+def test_refuses_teacher_forcing_and_serves_context_only_placement_as_one_prompt(tiny_model):
     model, _ = tiny_model
     technique, ids = build_technique("prompt_lookup", {}), random_prompt(model, 20, 3)
     with pytest.raises(ValueError, match="fidelity"):
         technique.generate(model, ids, 4, forced_tokens=[5, 6, 7, 8])
-    with pytest.raises(ValueError, match="context-only"):
-        technique.generate(model, ids, 4, question_ids=random_prompt(model, 5, 4))
+    question = random_prompt(model, 5, 4)
+    split = technique.generate(model, ids, 6, question_ids=question).tokens
+    assert split == build_technique("dense", {}).generate(model, torch.cat([ids, question], dim=-1), 6).tokens
     assert not technique.capabilities()["measures_fidelity"]  # so the runner never teacher-forces it
 
 

@@ -111,3 +111,10 @@ def test_sampling_follows_the_targets_distribution(tiny_model):
             variance += p * (1 - p)
     assert (observed - expected).abs().le(5 * variance.sqrt() + 1).all(), (observed - expected).abs().max()
     assert math.isclose(float(expected.sum()), samples, rel_tol=1e-4)
+
+
+def test_context_only_placement_compresses_only_the_drafts_context(tiny_model):
+    model, _ = tiny_model
+    context, question = prompt(model, 120, seed=8), prompt(model, 10, seed=9)
+    run = build_technique("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32}).generate(model, context, 16, question_ids=question)
+    assert run.tokens == build_technique("dense", {}).generate(model, torch.cat([context, question], dim=-1), 16).tokens

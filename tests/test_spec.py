@@ -315,3 +315,11 @@ def test_cli_run_checks_name_and_trials_before_anything(tmp_path, capsys, monkey
         out = capsys.readouterr()
         assert expected in out.err and "Traceback" not in out.err
     assert not (tmp_path / "runs").exists()  # refused before any store was created
+
+
+def test_context_only_placement_is_refused_for_a_technique_that_cannot_serve_it(tmp_path):
+    found = problems(tmp_path, patched(workload__query_placement="context_only", techniques={"dense": None, "moa": {"density": 0.5}}))
+    assert "whole prompt" in found["techniques.moa"]
+    # Speculative techniques serve it (nothing is compressed: context then question is their prompt).
+    ok = patched(workload__query_placement="context_only", techniques={"dense": None, "prompt_lookup": {}, "self_spec+snapkv": {}})
+    load_spec(write(tmp_path, ok, "ok.yaml"))

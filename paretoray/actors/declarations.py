@@ -287,6 +287,8 @@ def _combined(outer: TechniqueDeclaration, inner: TechniqueDeclaration) -> Techn
         "trial_timeout_s": max(float(o.get("trial_timeout_s", 3600.0)), float(i.get("trial_timeout_s", 3600.0))),
         "static_decode": bool(o.get("static_decode")) and bool(i.get("static_decode")),
         "decode_evicts": bool(o.get("decode_evicts")) or bool(i.get("decode_evicts")),
+        "context_only": bool(o.get("context_only", True)) and bool(i.get("context_only", True)),
+        "context_only_note": o.get("context_only_note") or i.get("context_only_note", ""),
         "members": [outer.name, *(inner.capabilities.get("members") or [inner.name])],
     }
     if "batched" in o or "batched" in i:

@@ -440,6 +440,16 @@ def _check_task(spec: SweepSpec) -> tuple[list[tuple[str, str]], Any]:
     return problems + _check_window(spec, task), task
 
 
+def _check_placement(spec: SweepSpec) -> list[tuple[str, str]]:
+    """context_only placement only for techniques that declare they serve it."""
+    if spec.workload.query_placement != "context_only":
+        return []
+    registry = technique_declarations(spec.techniques)
+    return [(f"techniques.{name}", f"{name} cannot serve query_placement: context_only: "
+             f"{registry[name].capabilities.get('context_only_note') or 'it does not declare it'}")
+            for name in spec.techniques if name in registry and not registry[name].capabilities.get("context_only", True)]
+
+
 def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """Semantic checks; raises SpecError with every problem found."""
     problems, task = _check_task(spec)
@@ -450,6 +460,7 @@ def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
         except SpecError as error:
             problems += error.problems
     problems += _check_produced(spec, task)
+    problems += _check_placement(spec)
     if problems:
         raise SpecError(source, problems)
     return spec

@@ -213,6 +213,10 @@ class Technique:
     member_requires: ClassVar[dict[str, tuple[Any, str]]] = {}
     member_shapes_output: ClassVar[bool] = True
     decode_evicts: ClassVar[bool] = False
+    # Serves `query_placement: context_only` (the context prefilled, then the question); False: the
+    # spec refuses that placement for it, with `context_only_note` as the reason.
+    context_only: ClassVar[bool] = True
+    context_only_note: ClassVar[str] = ""
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -236,6 +240,8 @@ class Technique:
             "member_requires": {key: list(value) for key, value in cls.member_requires.items()},
             "member_shapes_output": cls.member_shapes_output,
             "decode_evicts": cls.decode_evicts,
+            "context_only": cls.context_only,
+            "context_only_note": cls.context_only_note,
         }
 
     def __post_init__(self) -> None:

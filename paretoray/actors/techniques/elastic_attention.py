@@ -226,6 +226,8 @@ class ElasticSpans(Technique):
     static_decode = True
     provides = ("kv_cache",)
     decode_evicts = True  # each head's span rolls
+    context_only = False
+    context_only_note = "each head's span is set from the whole prompt; use query_placement: query_aware"
     reports = ("target_calls", "kv_density")  # see generate
 
     def sinks(self) -> int:

@@ -117,8 +117,10 @@ class PromptLookup(Technique):
         compiled: bool = False,
         seed: int = 0,
     ) -> Generation:
-        if forced_tokens is not None or question_ids is not None:
-            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
+        if forced_tokens is not None:
+            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity does not apply")
+        if question_ids is not None:  # nothing is compressed: the context then the question is the prompt
+            input_ids = torch.cat([input_ids, question_ids], dim=-1)
         return lookup_generate(self, model, input_ids, max_new_tokens, eos_token_ids or set(), seed, compiled=compiled)
 
 

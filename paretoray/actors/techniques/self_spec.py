@@ -76,19 +76,24 @@ class SelfSpec(Technique):
 
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None,
                  compiled=False, member: Technique | None = None, seed: int = 0) -> Generation:
-        if forced_tokens is not None or question_ids is not None:
-            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
+        if forced_tokens is not None:
+            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity does not apply")
         member = member if member is not None else build_technique(DEFAULT_DRAFT_CACHE, {})
         member.prepare_for_prompt(model, input_ids.shape[-1])
         with torch.inference_mode():
-            return self_speculative_generate(self, model, member, input_ids, max_new_tokens, eos_token_ids or set(), seed, compiled)
+            return self_speculative_generate(self, model, member, input_ids, max_new_tokens, eos_token_ids or set(), seed,
+                                             compiled, question_ids)
 
 
-def draft_cache(model: PreTrainedModel, member: Technique, input_ids: torch.Tensor, room: int) -> static_decode.StaticDecodeCache:
+def draft_cache(model: PreTrainedModel, member: Technique, input_ids: torch.Tensor, room: int,
+                question_ids: torch.Tensor | None = None) -> static_decode.StaticDecodeCache:
     """The member's cache of the prompt [1, T] (its own prefill, hooks and compression) as a static
-    slot cache with `room` more tokens."""
+    slot cache with `room` more tokens. `question_ids`: the context is compressed first, then the
+    question appended (context-only placement)."""
     with member.applied(model) as cache:
-        model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        for chunk in (input_ids, question_ids):
+            if chunk is not None:
+                model(input_ids=chunk, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         static = member.static_cache(model, cache, room, release=True)
     if static is None:
         raise ValueError(f"self_spec: {member.name} cannot continue its cache statically; it cannot be the draft cache")
@@ -140,7 +145,13 @@ def target_logits(model: PreTrainedModel, cache, ids: torch.Tensor) -> torch.Ten
 
 
 def self_speculative_generate(technique: SelfSpec, model: PreTrainedModel, member: Technique, input_ids: torch.Tensor,
-                              max_new_tokens: int, eos_token_ids: set[int], seed: int = 0, compiled: bool = False) -> Generation:
+                              max_new_tokens: int, eos_token_ids: set[int], seed: int = 0, compiled: bool = False,
+                              question_ids: torch.Tensor | None = None) -> Generation:
+    """Greedy or sampled self-speculation. `question_ids`: context-only placement, which only the
+    draft's compressed cache sees as such (the target's full cache holds context + question alike)."""
+    context = input_ids
+    if question_ids is not None:
+        input_ids = torch.cat([input_ids, question_ids], dim=-1)
     device = input_ids.device
     sampler = Sampler.of(technique.temperature, seed, device)
     stats = SpeculativeStats()
@@ -153,7 +164,7 @@ def self_speculative_generate(technique: SelfSpec, model: PreTrainedModel, membe
         full = DynamicCache(config=model.config)
         logits = model(input_ids=input_ids, **with_cache(model, full), use_cache=True, logits_to_keep=1).logits
         sequence.append(sampler.first(logits[0, -1]))
-        draft = draft_cache(model, member, input_ids, room)
+        draft = draft_cache(model, member, context, room, question_ids)
     target = static_decode.RollbackCache(model, full, room) if compiled else full
     if compiled:
         del full

@@ -198,8 +198,10 @@ class Speculative(Technique):
     ) -> Generation:
         if draft is None:
             raise ValueError(f"{self.name} needs a draft model: set `model.draft` in the sweep spec")
-        if forced_tokens is not None or question_ids is not None:
-            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity and context-only placement do not apply")
+        if forced_tokens is not None:
+            raise ValueError(f"{self.name} decodes the target's own continuation; fidelity does not apply")
+        if question_ids is not None:  # nothing is compressed: the context then the question is the prompt
+            input_ids = torch.cat([input_ids, question_ids], dim=-1)
         return speculative_generate(self, model, draft, input_ids, max_new_tokens, eos_token_ids or set(), seed, compiled=compiled)
 
 
