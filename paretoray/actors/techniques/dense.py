@@ -17,6 +17,7 @@ class Dense(Technique):
     is_reference = True
     rollback = True  # transformers' DynamicCache crops exactly
     static_decode = True
+    batched = True
 
     def static_cache(self, model, cache, steps, release=False):
         from paretoray.actors.static_decode import convert, dynamic_to_static
