@@ -72,6 +72,12 @@ class Generation:
     compiled: bool = False  # the decode steps ran through the compiled static-shape step
     warmup_s: float = 0.0  # decode steps left out of `step_s`: compiling a new graph, recording CUDA graphs
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode throughput: the measured steps' tokens over their time (a batch of one's total)."""
+        seconds = sum(self.step_s)
+        return len(self.step_s) / seconds if seconds > 0 else None
+
 
 Step = Callable[[torch.Tensor], torch.Tensor]  # [B, 1] token ids in -> [B, 1] the next (greedy) tokens
 
@@ -169,13 +175,14 @@ class BatchGeneration:
 def decode_batch(
     step: Step,
     first_tokens: list[int],
-    steps: int,
+    steps: list[int],
     device: torch.device,
     eos_token_ids: set[int] | None = None,
     unmeasured: Callable[[int], bool] | None = None,
 ) -> tuple[list[list[int]], list[float], list[int], float]:
     """`decode` for B sequences in one step: (tokens per sequence, measured step times, active
-    sequences per measured step, warm-up seconds). One host read per step (the B next tokens)."""
+    sequences per measured step, warm-up seconds). `steps`: each sequence's budget. One host read
+    per step (the B next tokens)."""
     eos = eos_token_ids or set()
     tokens: list[list[int]] = [[] for _ in first_tokens]
     done = [False] * len(first_tokens)
@@ -183,11 +190,11 @@ def decode_batch(
     active: list[int] = []
     warmup_s = 0.0
     current = list(first_tokens)
-    for i in range(steps):
+    for i in range(max(steps)):
         for row, token in enumerate(current):
             if not done[row]:
                 tokens[row].append(token)
-                done[row] = token in eos or len(tokens[row]) == steps
+                done[row] = token in eos or len(tokens[row]) == steps[row]
         if all(done):
             break
         took: list[float] = []

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paretoray.actors.declarations import Param, technique_declarations
 from paretoray.actors.metrics import metric_direction, metric_names, unproduced
 from paretoray.actors.tasks import task_class
-from paretoray.actors.workload import Workload
+from paretoray.actors.workload import BATCH_DIMENSION, BATCH_SIZE, Workload
 
 MAX_FILE_BYTES = 1 << 20  # a sweep file is a few KB
 MAX_DEPTH = 32  # nested mappings and lists
@@ -297,9 +297,21 @@ def _dimension(path: str, name: str, declared: Param, entry: Any, problems: list
     return None
 
 
+def batch_dimension(spec: SweepSpec, problems: list[tuple[str, str]]) -> Dimension | None:
+    """A swept `workload.batch_size` (a list or a range) as the dimension every technique's space gets."""
+    if not spec.workload.swept_batch:
+        return None
+    dim = _dimension("workload.batch_size", BATCH_DIMENSION, BATCH_SIZE, spec.workload.batch_size, problems)
+    if dim is not None and spec.sampler.name == "grid" and not dim.is_finite:
+        problems.append(("workload.batch_size", "the grid sampler needs finite dimensions: give choices or a step"))
+    return dim
+
+
 def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
-    """Each technique's dimensions, checked against what the technique declares."""
+    """Each technique's dimensions, checked against what the technique declares; a swept
+    `workload.batch_size` is one more dimension of every technique (`workload.BATCH_DIMENSION`)."""
     problems: list[tuple[str, str]] = []
+    batch = batch_dimension(spec, problems)
     registry = technique_declarations()
     space: dict[str, list[Dimension]] = {}
     for technique, body in spec.techniques.items():
@@ -319,7 +331,7 @@ def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
                 dims.append(dim)
                 if spec.sampler.name == "grid" and not dim.is_finite:
                     problems.append((path, "the grid sampler needs finite dimensions: give choices or a step"))
-        space[technique] = dims
+        space[technique] = dims + ([batch] if batch is not None else [])
     if problems:
         raise SpecError("<spec>", problems)
     return space
@@ -387,6 +399,22 @@ def _check_produced(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_batch(spec: SweepSpec) -> list[tuple[str, str]]:
+    """A batch size above 1 only for techniques that declare they decode batches (`batched`)."""
+    largest = spec.workload.max_batch
+    if largest <= 1:
+        return []
+    registry = technique_declarations()
+    problems = []
+    for name in spec.techniques:
+        declared = registry.get(name)
+        if declared is None or not declared.uses_model or declared.capabilities.get("batched"):
+            continue  # unknown: refused elsewhere; no model work: nothing to batch
+        why = declared.capabilities.get("batch_note") or "it decodes one sequence at a time"
+        problems.append(("workload.batch_size", f"{name} cannot decode a batch (batch_size up to {largest}): {why}"))
+    return problems
+
+
 def _check_window(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
     """Each requested context length plus its generation budget must fit the model's window (read from
     its config without loading it; unknown windows, a hub model not on this machine, are not checked)."""
@@ -425,6 +453,7 @@ def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """Semantic checks; raises SpecError with every problem found."""
     problems, task = _check_task(spec)
     problems += _check_objectives(spec)
+    problems += _check_batch(spec)
     for check in (search_space, constraints):
         try:
             check(spec)

@@ -303,7 +303,7 @@ class Technique:
         self,
         model: PreTrainedModel,
         prompts: list[torch.Tensor],
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         eos_token_ids: set[int] | None = None,
         question_ids: list[torch.Tensor] | None = None,
         compiled: bool = False,
@@ -311,7 +311,7 @@ class Technique:
         """B sequences decoded together, each exactly as `generate` decodes it alone (greedy).
 
         prompts: B tensors [1, L_i] of any lengths (`question_ids`: B questions, each prompt then
-        being its context alone). Each sequence is prefilled alone with the technique applied (its
+        being its context alone); max_new_tokens: one budget, or one per sequence. Each sequence is prefilled alone with the technique applied (its
         scores, budgets and evictions are its own: no padding reaches a hook), its cache converted
         to static slots, and the B caches stacked into one of B rows (`static_decode.stack`: a row
         padded with disabled slots, each at its own position). Every step then decodes all B:
@@ -325,11 +325,12 @@ class Technique:
         if question_ids is not None and len(question_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(question_ids)} questions")
         device = prompts[0].device
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         caches, firsts, prefill_s, alone = [], [], [], []
         for i, input_ids in enumerate(prompts):
             with self.applied(model) as cache:
                 first, seconds = prefill(model, input_ids, cache, None if question_ids is None else question_ids[i])
-                static = self.static_cache(model, cache, max_new_tokens, release=True)
+                static = self.static_cache(model, cache, budgets[i], release=True)
             if static is None:
                 raise ValueError(f"{self.name}: sequence {i} ({input_ids.shape[-1]} tokens) cannot continue on static "
                                  "slots, which a batch decodes with")
@@ -342,7 +343,7 @@ class Technique:
         del caches
         with static_decode.static_attention_installed(model):
             tokens, step_s, active, warmup_s = decode_batch(
-                static_decode.compiled_step(model, batch, compile=compiled), firsts, max_new_tokens, device, eos_token_ids,
+                static_decode.compiled_step(model, batch, compile=compiled), firsts, budgets, device, eos_token_ids,
                 unmeasured=static_decode.warmup_watch(device) if compiled else None)
         return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active,
                                kv_bytes=cache_nbytes(batch), kv_bytes_alone=alone,
