@@ -134,3 +134,125 @@ def test_a_technique_that_cannot_batch_refuses_with_its_reason(tiny_model):
         technique.generate_batch(model, prompts(model), 4)
     for name in ("dense", "streaming_llm", "snapkv", "pyramidkv", "h2o", "moa", "uniform_window"):
         assert build_technique(name, {}).capabilities()["batched"], name
+
+
+# ---- the spec: batch_size as a swept dimension ----------------------------------------------------
+
+SPEC = {
+    "name": "b",
+    "model": "smollm2-135m",
+    "workload": {"task": "passkey", "context_lengths": [256], "batch_size": [1, 4]},
+    "techniques": {"dense": None, "snapkv": {"max_capacity_prompt": {"low": 0.1, "high": 0.5}}},
+    "objectives": {"throughput_tokens_s": "maximize", "accuracy": "maximize"},
+    "trials": 4,
+}
+
+
+def spec_with(tmp_path, **workload):
+    import yaml
+
+    data = json.loads(json.dumps(SPEC))
+    data["workload"].update(workload)
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_list_of_batch_sizes_is_a_dimension_of_every_technique(tmp_path):
+    import optuna
+
+    from paretoray.orchestrator.book import suggest
+    from paretoray.orchestrator.spec import load_spec, search_space
+
+    spec = load_spec(spec_with(tmp_path))
+    space = search_space(spec)
+    for technique in ("dense", "snapkv"):
+        batch = [d for d in space[technique] if d.name == "workload.batch_size"]
+        assert len(batch) == 1 and batch[0].kind == "categorical" and batch[0].choices == (1, 4)
+    ranged = search_space(load_spec(spec_with(tmp_path, batch_size={"low": 2, "high": 8, "step": 2})))
+    assert [(d.kind, d.low, d.high, d.step) for d in ranged["dense"]] == [("int", 2, 8, 2)]
+    assert search_space(load_spec(spec_with(tmp_path, batch_size=4)))["dense"] == []  # fixed: stays in the workload
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    chosen = set()
+    for _ in range(12):
+        technique, params = suggest(study.ask(), space)
+        chosen.add(params["workload.batch_size"])
+    assert chosen == {1, 4}
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0, "expected >= 1, got 0"),
+    (300, "expected <= 256"),
+    (2.5, "expected an integer"),
+    ([], "an empty list of choices"),
+    ([2, 0], "[1]: expected >= 1"),
+    ({"low": 4, "high": 2}, "low (4) must not exceed high (2)"),
+    ({"low": 1}, "got keys ['low']"),
+    ({"low": 1, "high": 4, "step": 0}, "step: expected a positive integer"),
+])
+def test_a_bad_batch_size_names_the_field(tmp_path, value, expected):
+    from paretoray.orchestrator.spec import SpecError, load_spec
+
+    path = spec_with(tmp_path, batch_size=value)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(path) in str(caught.value)
+    problems = dict(caught.value.problems)
+    assert expected in problems["workload.batch_size"]
+
+
+def test_batches_are_refused_for_a_technique_that_cannot_batch_with_its_reason(tmp_path):
+    import yaml
+
+    from paretoray.orchestrator.spec import SpecError, load_spec
+
+    data = json.loads(json.dumps(SPEC))
+    data["model"] = {"id": "smollm2-135m", "draft": "smollm2-135m-draft"}
+    data["techniques"]["specdec"] = {"gamma": 3}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = dict(caught.value.problems)["workload.batch_size"]
+    assert message.startswith("specdec cannot decode a batch (batch_size up to 4): draft-and-verify")
+    data["workload"]["batch_size"] = 1
+    path.write_text(yaml.safe_dump(data))
+    assert load_spec(path)  # one sequence at a time: fine
+
+
+# ---- the runner: B samples at a time ------------------------------------------------------------
+
+def test_runner_measures_batches_and_reports_their_columns(tiny_model_dir):
+    from paretoray.actors.runner import TrialRunner
+
+    runner = TrialRunner(str(tiny_model_dir), dtype="float32", device="cpu", threads=1, compile=False)
+    workload = {"task": "passkey", "context_lengths": [256, 320], "samples_per_length": 3, "max_new_tokens": 5,
+                "fidelity": True, "batch_size": [1, 2]}
+    request = {"trial": 1, "technique": "snapkv", "params": {"max_capacity_prompt": 0.3, "window_size": 8,
+                                                             "workload.batch_size": 2}, "workload": workload}
+    record = runner.run_trial(request)
+    assert record["status"] == "ok", record["traceback"]
+    json.dumps(record)
+    assert record["params"]["workload.batch_size"] == 2 and record["batch_size"] == 2
+    assert record["label"].endswith(" batch_size=2") and record["env"]["batch_size"] == 2
+    rows = record["samples"]
+    assert len(rows) == 6
+    # Per length: a batch of 2, then the last sample alone (its own size, no throughput figures).
+    assert [r["batch_size"] for r in rows] == [2, 2, 1, 2, 2, 1]
+    for row in rows:
+        for key in ("latency_ms_per_token", "dense_latency_ms_per_token", "speedup", "ttft_ms", "batch_prefill_ms",
+                    "kv_cache_bytes", "batch_kv_cache_bytes", "peak_memory_mb", "fidelity", "output", "accuracy"):
+            assert row[key] is not None, key
+        full = row["batch_size"] == 2
+        assert (row["batch_tokens_per_s"] is not None) == full and (row["throughput_speedup"] is not None) == full
+        assert row["batch_kv_cache_bytes"] >= row["kv_cache_bytes"] * row["batch_size"]
+    # Each sequence's output is the one it gets alone: the B=1 trial on the same samples gives the same rows.
+    alone = runner.run_trial(request | {"params": {"max_capacity_prompt": 0.3, "window_size": 8, "workload.batch_size": 1}})
+    assert alone["status"] == "ok" and alone["label"] == record["label"].removesuffix(" batch_size=2")
+    assert [r["output"] for r in alone["samples"]] == [r["output"] for r in rows]
+    assert [r["fidelity"] for r in alone["samples"]] == [r["fidelity"] for r in rows]
+    metrics = record["metrics"]
+    for name in ("throughput_tokens_s", "dense_throughput_tokens_s", "throughput_speedup", "tokens_per_s",
+                 "latency_ms_per_token", "speedup", "kv_cache_mb", "batch_kv_cache_mb", "peak_memory_mb", "fidelity"):
+        assert math.isfinite(metrics[name]), name
+    assert metrics["batch_kv_cache_mb"] > metrics["kv_cache_mb"]
