@@ -127,8 +127,8 @@ class TrialRunner:
             if workload.batch != 1:
                 record["label"] = f"{technique.label} batch_size={workload.batch}"
             record["batch_size"] = workload.batch
-            record["env"] = {**self.env, "batch_size": workload.batch}
             record.update(self._measure(technique, workload))
+            record["env"] = {**self.env, "batch_size": workload.batch}  # after the measure: it may decide `decode`
             record["status"] = "ok"
         except Exception as error:
             record["error"] = f"{type(error).__name__}: {error}"
@@ -228,7 +228,7 @@ class TrialRunner:
         times, the order alternated; then each sample scored alone, one row each."""
         inputs = [self._inputs(sample, workload) for sample in batch]
         prompts = [input_ids for input_ids, _ in inputs]
-        questions = [q for _, q in inputs] if all(q is not None for _, q in inputs) else None
+        questions = [q for _, q in inputs] if any(q is not None for _, q in inputs) else None  # None: that one's whole prompt
         budgets = [workload.generation_budget(sample.max_new_tokens) for sample in batch]
         runs: dict[str, list[BatchGeneration]] = {"dense": [], "technique": []}
         peak_mb = 0.0

@@ -343,7 +343,8 @@ def _techniques() -> int:
     for name, declared in technique_declarations().items():
         uses_model = declared.capabilities.get("uses_model", True)
         decoding = ", compiled decoding" if declared.capabilities.get("static_decode") else (", eager decoding" if uses_model else "")
-        print(f"{name}  ({declared.phase}{decoding})  {declared.summary}")
+        batches = ", batches" if declared.capabilities.get("batched") else (", one sequence at a time" if uses_model else "")
+        print(f"{name}  ({declared.phase}{decoding}{batches})  {declared.summary}")
         for key, param in declared.params.items():
             print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
     return 0

@@ -305,13 +305,14 @@ class Technique:
         prompts: list[torch.Tensor],
         max_new_tokens: int | list[int],
         eos_token_ids: set[int] | None = None,
-        question_ids: list[torch.Tensor] | None = None,
+        question_ids: list[torch.Tensor | None] | None = None,
         compiled: bool = False,
     ) -> BatchGeneration:
         """B sequences decoded together, each exactly as `generate` decodes it alone (greedy).
 
         prompts: B tensors [1, L_i] of any lengths (`question_ids`: B questions, each prompt then
-        being its context alone); max_new_tokens: one budget, or one per sequence. Each sequence is prefilled alone with the technique applied (its
+        being its context alone, or None for a sequence prefilled whole); max_new_tokens: one
+        budget, or one per sequence. Each sequence is prefilled alone with the technique applied (its
         scores, budgets and evictions are its own: no padding reaches a hook), its cache converted
         to static slots, and the B caches stacked into one of B rows (`static_decode.stack`: a row
         padded with disabled slots, each at its own position). Every step then decodes all B:
