@@ -42,7 +42,7 @@ class Workload(BaseModel):
     repeats: int = Field(
         1, ge=1, le=50, description="paired timings per sample: dense and the technique back to back, order alternated"
     )
-    batch_size: Any = Field(
+    batch_size: int | list[int] | dict[str, int] = Field(
         1,
         description=f"sequences decoded together (1 to {MAX_BATCH}): a number, or a list of choices or "
         "{low, high[, step]} that every technique's search space gets as the dimension `workload.batch_size`. "
@@ -60,7 +60,7 @@ class Workload(BaseModel):
             raise ValueError(f"unknown task {task!r}; available: {', '.join(registry)}")
         return task
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", mode="plain")  # checked here alone: errors name workload.batch_size, not a union member
     @classmethod
     def _batch_size(cls, value: Any) -> Any:
         allowed = f"expected a number of sequences ({BATCH_SIZE.describe()}), a list of them, or {{low, high[, step]}}"
@@ -70,7 +70,7 @@ class Workload(BaseModel):
             for i, choice in enumerate(value):
                 if why := BATCH_SIZE.check(choice):
                     raise ValueError(f"[{i}]: {why} ({allowed})")
-            return value
+            return [int(choice) for choice in value]
         if isinstance(value, dict):
             if not {"low", "high"} <= set(value) <= {"low", "high", "step"}:
                 raise ValueError(f"{allowed}, got keys {sorted(map(str, value))}")
@@ -82,7 +82,7 @@ class Workload(BaseModel):
                 raise ValueError(f"step: expected a positive integer, got {step!r}")
             if value["low"] > value["high"]:
                 raise ValueError(f"low ({value['low']}) must not exceed high ({value['high']})")
-            return value
+            return {key: int(number) for key, number in value.items()}
         if why := BATCH_SIZE.check(value):
             raise ValueError(f"{why} ({allowed})")
         return int(value)
