@@ -90,4 +90,4 @@ def test_a_warm_cache_validates_and_lists_without_torch(tmp_path):
     assert warm.stdout.splitlines()[0] == cold.stdout.splitlines()[0]
     listed = run("techniques")
     assert listed.returncode == 0 and "torch imported: False" in listed.stdout
-    assert "streaming_llm  (kv-cache, compiled decoding)" in listed.stdout and "window" in listed.stdout
+    assert "streaming_llm  (kv-cache, compiled decoding, batches)" in listed.stdout and "window" in listed.stdout

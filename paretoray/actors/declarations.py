@@ -293,6 +293,7 @@ def _combined(outer: TechniqueDeclaration, inner: TechniqueDeclaration) -> Techn
     }
     if "batched" in o or "batched" in i:
         capabilities["batched"] = bool(o.get("batched", True)) and bool(i.get("batched", True))
+        capabilities["batch_note"] = "" if capabilities["batched"] else (o.get("batch_note") or i.get("batch_note", ""))
     summary = f"{outer.name} over {inner.name}: {outer.summary}"
     return TechniqueDeclaration(f"{outer.name}+{inner.name}", outer.phase, summary, params, capabilities)
 

@@ -75,6 +75,12 @@ class Generation:
     compiled: bool = False  # the decode steps ran through the compiled static-shape step
     warmup_s: float = 0.0  # decode steps left out of `step_s`: compiling a new graph, recording CUDA graphs
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode throughput: the measured steps' tokens over their time (a batch of one's total)."""
+        seconds = sum(self.step_s)
+        return len(self.step_s) / seconds if seconds > 0 else None
+
 
 Step = Callable[[torch.Tensor], torch.Tensor]  # [B, 1] token ids in -> [B, 1] the next (greedy) tokens
 
@@ -140,6 +146,69 @@ def decode(
         else:
             step_s += took
     return tokens, step_s, warmup_s, agree
+
+
+@dataclass
+class BatchGeneration:
+    """B sequences decoded together (`Technique.generate_batch`): each prefilled alone, one after
+    another, then every decode step feeds all B (one token each). A sequence that reached EOS or
+    its budget stops counting tokens; the batch steps until every sequence is done."""
+
+    tokens: list[list[int]]  # per sequence: its generated token ids
+    prefill_s: list[float]  # per sequence: its prompt forward plus first argmax (run one after another)
+    step_s: list[float] = field(default_factory=list)  # measured batch steps (each gives one token to every active sequence)
+    active: list[int] = field(default_factory=list)  # per measured step: sequences whose token counted
+    kv_bytes: int = 0  # the batch's slot buffers (every row padded to the largest capacity)
+    kv_bytes_alone: list[int] = field(default_factory=list)  # per sequence: its cache's bytes before stacking
+    stats: list[dict[str, float]] = field(default_factory=list)  # per sequence: technique counters
+    compiled: bool = False  # the steps ran the compiled static-shape step (else the same step, eagerly)
+    warmup_s: float = 0.0  # steps left out of `step_s`: compiling a new graph, recording CUDA graphs
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Total throughput: tokens the measured steps gave to active sequences over their time."""
+        seconds = sum(self.step_s)
+        return sum(self.active) / seconds if seconds > 0 else None
+
+
+def decode_batch(
+    step: Step,
+    first_tokens: list[int],
+    steps: list[int],
+    device: torch.device,
+    eos_token_ids: set[int] | None = None,
+    unmeasured: Callable[[int], bool] | None = None,
+) -> tuple[list[list[int]], list[float], list[int], float]:
+    """`decode` for B sequences in one step: (tokens per sequence, measured step times, active
+    sequences per measured step, warm-up seconds). `steps`: each sequence's budget. One host read
+    per step (the B next tokens)."""
+    eos = eos_token_ids or set()
+    tokens: list[list[int]] = [[] for _ in first_tokens]
+    done = [False] * len(first_tokens)
+    step_s: list[float] = []
+    active: list[int] = []
+    warmup_s = 0.0
+    current = list(first_tokens)
+    for i in range(max(steps)):
+        for row, token in enumerate(current):
+            if not done[row]:
+                tokens[row].append(token)
+                done[row] = token in eos or len(tokens[row]) == steps[row]
+        if all(done):
+            break
+        took: list[float] = []
+        with timed(device, took):
+            current = step(torch.tensor(current, device=device).view(-1, 1)).view(-1).tolist()
+        if unmeasured is not None and unmeasured(i):
+            warmup_s += took[0]
+        else:
+            step_s += took
+            active.append(sum(not d for d in done))
+    return tokens, step_s, active, warmup_s
 
 
 def greedy_generate(

@@ -196,10 +196,21 @@ METRICS: dict[str, Metric] = {
                Median("dense_latency_ms_per_token")),
         Metric("ttft_ms", False, "ms", "median time to first token (prefill) over samples", Median("ttft_ms"), broken_down=True),
         Metric("dense_ttft_ms", False, "ms", "the same for dense, timed back to back with the technique", Median("dense_ttft_ms")),
-        Metric("tokens_per_s", True, "tokens/s", "1000 / latency_ms_per_token", Reciprocal("latency_ms_per_token"),
+        Metric("tokens_per_s", True, "tokens/s", "per sequence: 1000 / latency_ms_per_token (in a batch, each "
+               "sequence gets one token per batch step)", Reciprocal("latency_ms_per_token"),
                needs=Needs(without_model=True)),
-        Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation",
-               Max("kv_cache_bytes", scale=1 / 2**20)),
+        Metric("throughput_tokens_s", True, "tokens/s", "total decode throughput at the workload's batch_size: "
+               "tokens given to unfinished sequences over the batch's measured step time; median over samples of "
+               "their batch's value (a length's smaller last batch left out)", Median("batch_tokens_per_s")),
+        Metric("dense_throughput_tokens_s", True, "tokens/s", "the same for dense, the same batches timed back to back",
+               Median("dense_batch_tokens_per_s")),
+        Metric("throughput_speedup", True, "x", "median over samples of their batch's paired ratio technique total "
+               "tokens/s / dense's at the same batch size, with a distribution-free 95% interval",
+               Median("throughput_speedup", interval=True)),
+        Metric("kv_cache_mb", False, "MiB", "largest KV cache physically held at the end of a sample's generation "
+               "(in a batch: the sequence's own slots, as alone)", Max("kv_cache_bytes", scale=1 / 2**20)),
+        Metric("batch_kv_cache_mb", False, "MiB", "largest KV cache a batch holds: every sequence's slots, each row "
+               "padded to the batch's largest (batch_size 1: kv_cache_mb)", Max("batch_kv_cache_bytes", scale=1 / 2**20)),
         Metric("kv_density", False, "fraction", "sparse attention (moa, uniform_window): KV entries kept / dense entries "
                "at each sample's prompt length, over all layers and KV heads; mean over samples (per length: kv_density/ctxN)",
                Mean("kv_density"), broken_down=True, needs=Needs(stats=("kv_density",))),

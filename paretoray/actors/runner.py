@@ -12,6 +12,14 @@ gives a row (its scores and dense's, its timings and dense's, the paired ratios,
 `metrics.aggregate` turns the rows into the trial's metrics with their intervals, as each metric's
 registry entry says. Speedups are thus ratios of timings taken seconds apart on the same machine,
 not of a baseline read once at actor start.
+
+With `workload.batch_size` B > 1 (fixed, or the trial's `workload.batch_size` parameter where the
+spec sweeps it), samples are measured B at a time, grouped by context length in their order (a
+length's last batch may be smaller: it runs at its own size, recorded in its rows' `batch_size`, and
+is left out of the throughput metrics). Dense and the technique decode the same batch back to back,
+the order alternated per batch; rows stay per sample (each output scored alone), with the batch's
+columns beside: per-sequence latency (the batch step), total tokens/s, KV bytes of the batch and peak
+memory. Fidelity is teacher-forced per sequence, alone.
 """
 
 from __future__ import annotations
@@ -26,14 +34,14 @@ from typing import Any
 import torch
 
 from paretoray.actors import artifacts
-from paretoray.actors.generation import Generation
+from paretoray.actors.generation import BatchGeneration, Generation
 from paretoray.actors.measure import PeakMemory, environment
 from paretoray.actors.metrics import aggregate
 from paretoray.actors.models import context_window, load_model
 from paretoray.actors.tasks import Sample, Task
 from paretoray.actors.tasks.cache import cached_samples
 from paretoray.actors.techniques import Technique, build_technique, reference_technique
-from paretoray.actors.workload import Workload
+from paretoray.actors.workload import BATCH_DIMENSION, Workload
 
 
 # Seconds compiling one decode graph is assumed to cost on a CPU before it is measured (SmolLM2-135M
@@ -108,11 +116,19 @@ class TrialRunner:
             "env": self.env,
         }
         try:
-            technique = build_technique(request["technique"], request.get("params", {}))
+            params = dict(request.get("params", {}))
+            batch = params.pop(BATCH_DIMENSION, None)  # a swept batch size: the trial's own choice
+            technique = build_technique(request["technique"], params)
+            workload = Workload.model_validate(request["workload"] | ({} if batch is None else {"batch_size": batch}))
             record["params"] = {key: getattr(technique, key) for key in technique.params}
             record["label"] = technique.label
-            workload = Workload.model_validate(request["workload"])
+            if batch is not None:
+                record["params"][BATCH_DIMENSION] = workload.batch
+            if workload.batch != 1:
+                record["label"] = f"{technique.label} batch_size={workload.batch}"
+            record["batch_size"] = workload.batch
             record.update(self._measure(technique, workload))
+            record["env"] = {**self.env, "batch_size": workload.batch}  # after the measure: it may decide `decode`
             record["status"] = "ok"
         except Exception as error:
             record["error"] = f"{type(error).__name__}: {error}"
@@ -133,9 +149,14 @@ class TrialRunner:
         # Order alternates within each length, so that no length always runs dense first.
         seen: dict[int, int] = {}
         rows = []
-        for sample in samples:
-            index = seen[sample.context_length] = seen.get(sample.context_length, -1) + 1
-            rows.append(self._measure_sample(index, sample, technique, task, workload))
+        if workload.batch == 1:
+            for sample in samples:
+                index = seen[sample.context_length] = seen.get(sample.context_length, -1) + 1
+                rows.append(self._measure_sample(index, sample, technique, task, workload))
+        else:
+            for batch in _batches(samples, workload.batch):
+                index = seen[batch[0].context_length] = seen.get(batch[0].context_length, -1) + 1
+                rows += self._measure_batch(index, batch, technique, task, workload)
         return {
             "query_placement": workload.query_placement,
             "metrics": aggregate(rows, task.context_lengths if task.has_lengths else None),
@@ -194,9 +215,81 @@ class TrialRunner:
             "dense_compiled": dense.compiled,
             "decode_warmup_s": sum(r.warmup_s for r in runs["technique"]),  # steps left out: compiling, recording
             **_paired_timing(runs["dense"], runs["technique"]),
+            "batch_size": 1,
+            "batch_kv_cache_bytes": run.kv_bytes,
+            **_paired_throughput(runs["dense"], runs["technique"]),
         }
         row.update(dict(run.stats) or {"target_calls": len(run.step_s)})  # plain decoding: one target forward per step
         return row
+
+    def _measure_batch(self, index: int, batch: list[Sample], technique: Technique, task: Task,
+                       workload: Workload) -> list[dict[str, Any]]:
+        """B samples decoded together: dense's batch and the technique's back to back, `repeats`
+        times, the order alternated; then each sample scored alone, one row each."""
+        inputs = [self._inputs(sample, workload) for sample in batch]
+        prompts = [input_ids for input_ids, _ in inputs]
+        questions = [q for _, q in inputs] if any(q is not None for _, q in inputs) else None  # None: that one's whole prompt
+        budgets = [workload.generation_budget(sample.max_new_tokens) for sample in batch]
+        runs: dict[str, list[BatchGeneration]] = {"dense": [], "technique": []}
+        peak_mb = 0.0
+        for repeat in range(workload.repeats):
+            order = ("dense", "technique") if (index + repeat) % 2 == 0 else ("technique", "dense")
+            for role in order:
+                who = self.reference if role == "dense" else technique
+                if role == "technique":
+                    self.memory.reset()
+                runs[role].append(who.generate_batch(self.model, prompts, budgets, self.eos_token_ids,
+                                                     question_ids=questions, compiled=self.compile))
+                if role == "technique":
+                    peak_mb = max(peak_mb, self.memory.read_mb())
+        full = len(batch) == workload.batch
+        throughput = _paired_throughput(runs["dense"], runs["technique"]) if full else \
+            dict.fromkeys(("batch_tokens_per_s", "dense_batch_tokens_per_s", "throughput_speedup"))
+        rows = []
+        for i, sample in enumerate(batch):
+            dense_runs = [_sequence(r, i) for r in runs["dense"]]
+            technique_runs = [_sequence(r, i) for r in runs["technique"]]
+            dense, run = dense_runs[0], technique_runs[0]
+            text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
+            dense_text = self.tokenizer.decode(dense.tokens, skip_special_tokens=True)
+            fidelity = None
+            if workload.fidelity and technique.is_reference:
+                fidelity = 1.0
+            elif workload.fidelity and not technique.lossless:  # teacher-forced alone: the batch changes no token
+                input_ids, question_ids = inputs[i]
+                fidelity = technique.generate(self.model, input_ids, budgets[i], forced_tokens=dense.tokens,
+                                              question_ids=question_ids, compiled=self.compile).agreement
+            row: dict[str, Any] = {
+                "sample_id": sample.sample_id,
+                "context_length": sample.context_length,
+                "prompt_tokens": len(sample.prompt_ids),
+                "depth": sample.depth,
+                "group": sample.group,
+                "answer": " | ".join(sample.expected),
+                "output": text,
+                "dense_output": dense_text,
+                **task.score(sample, text, reference=dense_text),
+                "dense_accuracy": task.score(sample, dense_text, reference=dense_text)["accuracy"],
+                "output_match": float(run.tokens == dense.tokens),
+                "fidelity": fidelity,
+                "new_tokens": len(run.tokens),
+                "kv_cache_bytes": run.kv_bytes,  # this sequence's own slots (as alone)
+                "peak_memory_mb": peak_mb,  # the batch's
+                "repeats": workload.repeats,
+                "compiled": run.compiled,
+                "dense_compiled": dense.compiled,
+                "decode_warmup_s": sum(r.warmup_s for r in runs["technique"]),
+                # latency_ms_per_token: per sequence, the batch's median step (each gives it one token)
+                **_paired_timing(dense_runs, technique_runs),
+                "batch_size": len(batch),
+                "batch_index": index,
+                "batch_kv_cache_bytes": runs["technique"][0].kv_bytes,  # every row, padded to the batch's largest
+                "batch_prefill_ms": median_or_none([1000 * sum(r.prefill_s) for r in runs["technique"]]),
+                **throughput,
+            }
+            row.update(dict(run.stats) or {"target_calls": len(run.tokens) - 1})
+            rows.append(row)
+        return rows
 
     def _inputs(self, sample: Sample, workload: Workload) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt as one chunk (query-aware), or the context then the question (context-only)."""
@@ -233,6 +326,9 @@ class TrialRunner:
         extra = {"draft": self.draft} if technique.needs_draft else {}
         # The technique's first generation in this mode compiles its graph here, not in sample 0.
         technique.generate(self.model, prompt, 4, compiled=self.compile, **extra)
+        if workload.batch > 1:  # and the batch's graphs (one per batch size), dense's too
+            self.reference.generate_batch(self.model, [prompt] * workload.batch, 4, compiled=self.compile)
+            technique.generate_batch(self.model, [prompt] * workload.batch, 4, compiled=self.compile)
 
     def _decide_compile(self, prompt: torch.Tensor, horizon_steps: int, steps: int = 16, rounds: int = 3) -> bool:
         """`compile: auto`. On CUDA: compiled (CUDA graphs remove the per-kernel launch cost of a
@@ -271,6 +367,39 @@ class TrialRunner:
         self.env["decode"] = "compiled" if chosen else "eager"
         self.env["compile_check"] = summary
         return chosen
+
+
+def _batches(samples: list[Sample], size: int) -> list[list[Sample]]:
+    """Consecutive samples of one context length, `size` at a time (a length's last batch may be smaller)."""
+    batches: list[list[Sample]] = []
+    for sample in samples:
+        if batches and len(batches[-1]) < size and batches[-1][0].context_length == sample.context_length:
+            batches[-1].append(sample)
+        else:
+            batches.append([sample])
+    return batches
+
+
+def _sequence(run: BatchGeneration, i: int) -> Generation:
+    """Sequence i of a batch as a run of its own: its tokens, prefill and bytes, the batch's steps."""
+    return Generation(tokens=run.tokens[i], prefill_s=run.prefill_s[i], step_s=run.step_s, kv_bytes=run.kv_bytes_alone[i],
+                      stats=run.stats[i] if run.stats else {}, compiled=run.compiled, warmup_s=run.warmup_s)
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(kept) if kept else None
+
+
+def _paired_throughput(dense: list, technique: list) -> dict[str, float | None]:
+    """A batch's (or a B=1 sample's) total tokens/s, dense's, and their paired ratio (medians over repeats)."""
+    return {
+        "batch_tokens_per_s": median_or_none([r.tokens_per_s for r in technique]),
+        "dense_batch_tokens_per_s": median_or_none([r.tokens_per_s for r in dense]),
+        "throughput_speedup": median_or_none([
+            _ratio(t, d) if t is not None and d is not None else None
+            for t, d in ((t.tokens_per_s, d.tokens_per_s) for d, t in zip(dense, technique))]),
+    }
 
 
 def _ms_per_token(run: Generation) -> float:

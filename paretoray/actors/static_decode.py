@@ -24,6 +24,12 @@ are device scalars) and replays it: on CUDA with CUDA graphs; on a CPU with one-
 lowered to multiply-and-sum reductions that stream the weights at memory bandwidth (`_matvec_mm`).
 A step that compiled is left out of the measured ones and reported apart (`warmup_watch`).
 
+Batches (`stack`): each sequence is prefilled alone (its technique's hooks select for it alone),
+its cache converted, then the B caches are stacked into one of B rows. A row's slots beyond its own
+capacity hold `DISABLED` (never written, never attended): a ring keeps its own size whatever the
+others', so every row decodes exactly as its sequence would alone. `position` is then one per row
+([B]): each row continues at its own text position.
+
 Speculative decoding uses `RollbackCache`: the slot is the position, several tokens are written at
 once and attend causally by position, and rolling back is moving the length.
 """
@@ -43,14 +49,16 @@ from paretoray.actors.generation import Step, with_cache
 ATTENTION = "paretoray_static"
 CACHE_KWARG = "paretoray_static_cache"  # how the attention function finds the cache (transformers forwards it)
 NEVER = torch.iinfo(torch.int64).max
+DISABLED = -2  # a slot past its row's capacity in a stacked batch: never written, never attended
 CUDA_GRAPH_WARMUP = 2  # steps of a new CUDA-graph cache that warm up and record before replays
 
 
 class SlotGroup:
     """A run of KV heads of one layer sharing `capacity` slots.
 
-    keys/values: [B, h, C, D]; positions: [B, h, C] int64, -1 where the slot is empty. Entries at
-    positions < `n_sink` are never overwritten.
+    keys/values: [B, h, C, D]; positions: [B, h, C] int64, -1 where the slot is empty (`DISABLED`
+    past a row's capacity in a stacked batch). Entries at positions < `n_sink` are never overwritten.
+    The step's `position` is [] (one sequence) or [B] (one per row of a batch).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, capacity: int, n_sink: int = 0):
@@ -78,8 +86,9 @@ class SlotGroup:
 
     def write(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Store one token per head in the slot the rule picks: an empty one, else the oldest
-        non-sink entry. key/value: [B, h, 1, D]; position: [] int64. Returns the slots [B, h, 1]."""
-        pinned = (self.positions >= 0) & (self.positions < self.sink_limit)
+        non-sink entry. key/value: [B, h, 1, D]; position: [] or [B] int64. Returns the slots [B, h, 1]."""
+        position = position.view(-1, 1, 1)
+        pinned = ((self.positions >= 0) & (self.positions < self.sink_limit)) | (self.positions == DISABLED)
         slot = torch.where(pinned, NEVER, self.positions).argmin(dim=-1, keepdim=True)  # [B, h, 1]
         self.keys.scatter_(2, slot[..., None].expand_as(key), key)
         self.values.scatter_(2, slot[..., None].expand_as(value), value)
@@ -94,6 +103,38 @@ class SlotGroup:
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    @classmethod
+    def stacked(cls, members: list[tuple[SlotGroup, slice]]) -> SlotGroup:
+        """One group of len(members) rows from one-sequence groups of this kind (member i: a group
+        and the run of its heads that row i contributes), the slot axis padded to the largest
+        capacity with `DISABLED` slots."""
+        group = cls.__new__(cls)
+        group._stack(members)
+        return group
+
+    def _stack(self, members: list[tuple[SlotGroup, slice]]) -> None:
+        capacity = max(row.keys.shape[2] for row, _ in members)
+        if len({int(row.sink_limit) for row, _ in members}) != 1:
+            raise ValueError("sequences of a batch keep different numbers of sinks")
+        self.n_sink, self.sink_limit = members[0][0].n_sink, members[0][0].sink_limit
+        self.keys = torch.cat([_pad_slots(row.keys[:, heads], capacity, 0) for row, heads in members])
+        self.values = torch.cat([_pad_slots(row.values[:, heads], capacity, 0) for row, heads in members])
+        self.positions = torch.cat([_pad_slots(row.positions[:, heads], capacity, DISABLED) for row, heads in members])
+
+
+def _pad_slots(tensor: torch.Tensor, capacity: int, fill) -> torch.Tensor:
+    """[1, h, C, ...] -> [1, h, capacity, ...], the new slots set to `fill`."""
+    extra = capacity - tensor.shape[2]
+    if extra == 0:
+        return tensor
+    pad = tensor.new_full((*tensor.shape[:2], extra, *tensor.shape[3:]), fill)
+    return torch.cat([tensor, pad], dim=2)
+
+
+def _per_row(members: list, name: str) -> torch.Tensor:
+    """A device scalar of each row's group, as [B, 1, 1] (it broadcasts against [B, h, C])."""
+    return torch.stack([getattr(row, name).reshape(()) for row, _ in members]).view(-1, 1, 1)
 
 
 class SinkGroup(SlotGroup):
@@ -110,10 +151,16 @@ class SinkGroup(SlotGroup):
     def attend(self, query, scaling, position):
         from paretoray.actors.techniques.streaming_llm import rotate_by
 
-        # Tokens before this one that no longer fit: position - (sinks + window), at least 0.
-        evicted = (position - self.window_capacity).clamp(min=0)
-        self.keys[:, :, : self.n_sink] = rotate_by(self.sinks_unshifted, evicted, self.inv_freq)
+        # Tokens before this one that no longer fit: position - (sinks + window), at least 0 ([B|1, 1, 1, 1]).
+        evicted = (position.view(-1, 1, 1) - self.window_capacity).clamp(min=0)
+        self.keys[:, :, : self.n_sink] = rotate_by(self.sinks_unshifted, evicted[..., None], self.inv_freq)
         return super().attend(query, scaling, position)
+
+    def _stack(self, members):
+        super()._stack(members)
+        self.sinks_unshifted = torch.cat([row.sinks_unshifted[:, heads] for row, heads in members])
+        self.inv_freq = members[0][0].inv_freq
+        self.window_capacity = _per_row(members, "window_capacity")
 
 
 class ScoredGroup(SlotGroup):
@@ -144,12 +191,17 @@ class ScoredGroup(SlotGroup):
         logits = torch.einsum("bhgd,bhcd->bhgc", q, self.keys.float()) * scaling
         weights = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1)
         self.scores += weights.mean(dim=2)  # averaged over the KV head's group of query heads
-        protected = ~valid | (self.positions > position - self.recent)
+        protected = ~valid | (self.positions > position.view(-1, 1, 1) - self.recent)
         victim = self.scores.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)  # [B, h, 1]
         over = valid.sum(dim=-1, keepdim=True) > self.budget
         self.positions.scatter_(2, victim, torch.where(over, -1, self.positions.gather(2, victim)))
         self.scores.scatter_(2, victim, torch.where(over, 0.0, self.scores.gather(2, victim)))
         return out
+
+    def _stack(self, members):
+        super()._stack(members)
+        self.scores = torch.cat([_pad_slots(row.scores[:, heads], self.keys.shape[2], 0.0) for row, heads in members])
+        self.budget, self.recent = _per_row(members, "budget"), _per_row(members, "recent")  # per row: from its prompt length
 
 
 class StaticLayer:
@@ -181,6 +233,39 @@ class StaticLayer:
 
     def nbytes(self) -> int:
         return sum(g.nbytes() for g in self.groups)
+
+    def bounds(self) -> list[int]:
+        """Where each group's heads end, in stored-head order."""
+        ends, end = [], 0
+        for group in self.groups:
+            end += group.heads
+            ends.append(end)
+        return ends
+
+    @classmethod
+    def stacked(cls, rows: list[StaticLayer]) -> StaticLayer:
+        """One layer of len(rows) rows from one-sequence layers. Rows may split their heads into
+        groups differently (MoA's capacities follow each prompt's length): the stacked layer's groups
+        are the common refinement, each a run of heads grouped alike in every row."""
+        if len({row.repeat for row in rows}) != 1 or len({row.bounds()[-1] for row in rows}) != 1:
+            raise ValueError("sequences of a batch must store the same heads")
+        cuts = sorted({end for row in rows for end in row.bounds()})
+        groups, start = [], 0
+        for end in cuts:
+            members = []
+            for row in rows:  # the group of this row that holds heads [start, end), and where they sit in it
+                first = 0
+                for group, group_end in zip(row.groups, row.bounds()):
+                    if start < group_end:
+                        members.append((group, slice(start - first, end - first)))
+                        break
+                    first = group_end
+            kinds = {type(group) for group, _ in members}
+            if len(kinds) != 1:
+                raise ValueError(f"sequences of a batch decode with different slot rules: {sorted(k.__name__ for k in kinds)}")
+            groups.append(kinds.pop().stacked(members))
+            start = end
+        return cls(groups, rows[0].repeat)
 
 
 def grouped(entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], n_sink: int = 0) -> list[SlotGroup]:
@@ -228,7 +313,7 @@ class StaticDecodeCache(Cache):
         return key_states, value_states  # unused: the attention reads the layer's slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.position)
+        return int(self.position.max())
 
     def nbytes(self) -> int:
         """KV bytes physically held: every slot, the decode region preallocated included."""
@@ -247,6 +332,24 @@ class StaticDecodeCache(Cache):
         self.position.fill_(length)
 
 
+def stack(model: PreTrainedModel, caches: list[StaticDecodeCache]) -> StaticDecodeCache:
+    """One cache of len(caches) rows from one-sequence caches (each converted after its own prefill):
+    row i decodes exactly as caches[i] would, at its own position. The one-sequence caches are
+    consumed (their buffers are copied into the rows)."""
+    if any(cache.position.dim() != 0 or cache.layers[0].groups[0].keys.shape[0] != 1 for cache in caches):
+        raise ValueError("stack takes one-sequence caches")
+    layers = []
+    for index in range(len(caches[0].layers)):
+        layers.append(StaticLayer.stacked([cache.layers[index] for cache in caches]))
+        for cache in caches:  # one layer at a time: the copy never holds the whole batch twice
+            cache.layers[index] = None
+    batched = StaticDecodeCache(model, layers, 0)
+    batched.position = torch.stack([cache.position for cache in caches])
+    if batched.position.device.type == "cuda":
+        torch._dynamo.mark_static_address(batched.position)
+    return batched
+
+
 def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention every static cache decodes with: its layer's groups do the work."""
     cache: StaticDecodeCache = kwargs[CACHE_KWARG]
@@ -259,7 +362,7 @@ AttentionInterface.register(ATTENTION, static_attention)  # no mask function: no
 
 def _step(model: PreTrainedModel, cache: StaticDecodeCache, token: torch.Tensor) -> torch.Tensor:
     """One decode step: token [B, 1] -> the next greedy token [B, 1]; the cache advances in place."""
-    position_ids = cache.position.view(1, 1).expand(token.shape[0], 1)
+    position_ids = cache.position.view(-1, 1).expand(token.shape[0], 1)  # [] or [B] positions -> [B, 1]
     logits = model(input_ids=token, position_ids=position_ids, use_cache=True,
                    **{cache.keyword: cache, CACHE_KWARG: cache}).logits
     cache.position.add_(1)

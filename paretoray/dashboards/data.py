@@ -36,7 +36,7 @@ DEFAULT_MIN_DENSE_ACCURACY = 0.5
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 CI_LEVEL = "95%"
 # What dense itself scores on a metric that is a ratio to, or an agreement with, dense.
-_DENSE_IS_ONE = {"speedup", "ttft_speedup", "relative_accuracy", "fidelity", "output_match"}
+_DENSE_IS_ONE = {"speedup", "ttft_speedup", "throughput_speedup", "relative_accuracy", "fidelity", "output_match"}
 
 
 class ReportError(ValueError):

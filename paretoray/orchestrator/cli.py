@@ -190,13 +190,15 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     if args.sweep_command == "validate":  # the spec alone: neither Ray, Optuna nor MLflow is loaded
-        from paretoray.orchestrator.spec import SpecError, load_spec
+        from paretoray.orchestrator.spec import SpecError, load_spec, notes
 
         try:
             spec = load_spec(args.spec)
         except SpecError as error:
             return _fail(str(error))
         print(f"{args.spec}: valid sweep {spec.name!r}: {len(spec.techniques)} technique(s), {spec.trials} trials")
+        for note in notes(spec):
+            print(f"note: {note}")
         return 0
     from paretoray.orchestrator.controller import Controller, SweepError, check_stores, sweep_state
     from paretoray.orchestrator.spec import SpecError, check_name, check_trials, load_spec, read_spec_text
@@ -206,6 +208,10 @@ def _sweep(args: argparse.Namespace) -> int:
         check_trials(args.trials)  # as the spec's `trials`: 1 to spec.MAX_TRIALS
         if args.sweep_command == "run":
             spec = load_spec(args.spec)  # before anything is created: a bad file leaves no trace
+            from paretoray.orchestrator.spec import notes
+
+            for note in notes(spec):
+                print(f"note: {note}", file=sys.stderr)
             if args.name:  # checked as the spec's `name` (it names folders: no `..`, no `/`)
                 spec = spec.model_copy(update={"name": check_name(args.name)})
             stores = resolve_stores(args.tracking_uri, args.storage)
@@ -343,7 +349,8 @@ def _techniques() -> int:
     for name, declared in technique_declarations().items():
         uses_model = declared.capabilities.get("uses_model", True)
         decoding = ", compiled decoding" if declared.capabilities.get("static_decode") else (", eager decoding" if uses_model else "")
-        print(f"{name}  ({declared.phase}{decoding})  {declared.summary}")
+        batches = ", batches" if declared.capabilities.get("batched") else (", one sequence at a time" if uses_model else "")
+        print(f"{name}  ({declared.phase}{decoding}{batches})  {declared.summary}")
         for key, param in declared.params.items():
             print(f"    {key:<20} {param.describe():<36} default {param.default!r}  {param.doc}")
     declared = technique_declarations()

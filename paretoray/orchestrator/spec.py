@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paretoray.actors.declarations import SEPARATOR, CompositionError, Param, composition_declaration, technique_declarations
 from paretoray.actors.metrics import metric_direction, metric_names, unproduced
 from paretoray.actors.tasks import task_class
-from paretoray.actors.workload import Workload
+from paretoray.actors.workload import BATCH_DIMENSION, BATCH_SIZE, Workload
 
 MAX_FILE_BYTES = 1 << 20  # a sweep file is a few KB
 MAX_DEPTH = 32  # nested mappings and lists
@@ -297,15 +297,29 @@ def _dimension(path: str, name: str, declared: Param, entry: Any, problems: list
     return None
 
 
+def batch_dimension(spec: SweepSpec, problems: list[tuple[str, str]]) -> Dimension | None:
+    """A swept `workload.batch_size` (a list or a range) as the dimension every technique's space gets."""
+    if not spec.workload.swept_batch:
+        return None
+    dim = _dimension("workload.batch_size", BATCH_DIMENSION, BATCH_SIZE, spec.workload.batch_size, problems)
+    if dim is not None and spec.sampler.name == "grid" and not dim.is_finite:
+        problems.append(("workload.batch_size", "the grid sampler needs finite dimensions: give choices or a step"))
+    return dim
+
+
 def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
-    """Each technique's dimensions, checked against what the technique declares."""
+    """Each technique's dimensions, checked against what the technique declares; a swept
+    `workload.batch_size` is one more dimension of every technique (`workload.BATCH_DIMENSION`)."""
     problems: list[tuple[str, str]] = []
+    batch = batch_dimension(spec, problems)
     registry = technique_declarations()
     space: dict[str, list[Dimension]] = {}
     for technique, body in spec.techniques.items():
+        batched = True
         if "+" in technique:  # a composition: each member's parameters under the member's name
             try:
-                declared = composition_declaration(technique, registry).params
+                composed = composition_declaration(technique, registry)
+                declared, batched = composed.params, bool(composed.capabilities.get("batched", True))
             except CompositionError as error:
                 problems.append((f"techniques.{technique}", str(error).partition(": ")[2]))
                 continue
@@ -326,6 +340,7 @@ def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
             continue
         else:
             declared = registry[technique].params
+            batched = bool(registry[technique].capabilities.get("batched", True)) or not registry[technique].uses_model
         dims = []
         for name, entry in body.items():
             path = f"techniques.{technique}.{name}"
@@ -338,6 +353,10 @@ def search_space(spec: SweepSpec) -> dict[str, list[Dimension]]:
                 dims.append(dim)
                 if spec.sampler.name == "grid" and not dim.is_finite:
                     problems.append((path, "the grid sampler needs finite dimensions: give choices or a step"))
+        if batch is not None and not batched and _allows_one(batch):
+            dims.append(Dimension(BATCH_DIMENSION, "fixed", value=1))  # it decodes one sequence at a time (see notes)
+        elif batch is not None:
+            dims.append(batch)  # a technique that cannot batch and a range without 1: refused by _check_batch
         space[technique] = dims
     if problems:
         raise SpecError("<spec>", problems)
@@ -406,6 +425,53 @@ def _check_produced(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
     return problems
 
 
+def _allows_one(dim: Dimension) -> bool:
+    """Whether a batch-size dimension includes 1."""
+    if dim.kind == "fixed":
+        return dim.value == 1
+    if dim.kind == "categorical":
+        return 1 in dim.choices
+    return dim.low <= 1 and (dim.step is None or float(1 - dim.low) % dim.step == 0)
+
+
+def _unbatched(spec: SweepSpec) -> dict[str, str]:
+    """Techniques of the sweep that cannot decode a batch, with the reason."""
+    registry = technique_declarations(spec.techniques)
+    return {name: registry[name].capabilities.get("batch_note") or "it decodes one sequence at a time"
+            for name in spec.techniques
+            if name in registry and registry[name].uses_model and not registry[name].capabilities.get("batched", True)}
+
+
+def notes(spec: SweepSpec) -> list[str]:
+    """What a valid sweep does that its YAML does not say outright (printed by validate and run)."""
+    out = []
+    if spec.workload.swept_batch:
+        for name, why in _unbatched(spec).items():
+            out.append(f"{name} runs at batch_size 1 only ({why})")
+    return out
+
+
+def _check_batch(spec: SweepSpec) -> list[tuple[str, str]]:
+    """A batch size above 1 only for techniques that declare they decode batches (`batched`); a
+    swept batch size that includes 1 runs those at 1 only (`notes` says so)."""
+    largest = spec.workload.max_batch
+    if largest <= 1:
+        return []
+    registry = technique_declarations(spec.techniques)
+    problems = []
+    for name in spec.techniques:
+        declared = registry.get(name)
+        if declared is None or not declared.uses_model or declared.capabilities.get("batched"):
+            continue  # unknown: refused elsewhere; no model work: nothing to batch
+        if spec.workload.swept_batch:
+            dim = batch_dimension(spec, [])
+            if dim is not None and _allows_one(dim):
+                continue  # restricted to batch_size 1 in its space
+        why = declared.capabilities.get("batch_note") or "it decodes one sequence at a time"
+        problems.append(("workload.batch_size", f"{name} cannot decode a batch (batch_size up to {largest}): {why}"))
+    return problems
+
+
 def _check_window(spec: SweepSpec, task: Any) -> list[tuple[str, str]]:
     """Each requested context length plus its generation budget must fit the model's window (read from
     its config without loading it; unknown windows, a hub model not on this machine, are not checked)."""
@@ -454,6 +520,7 @@ def validate(spec: SweepSpec, source: str = "<spec>") -> SweepSpec:
     """Semantic checks; raises SpecError with every problem found."""
     problems, task = _check_task(spec)
     problems += _check_objectives(spec)
+    problems += _check_batch(spec)
     for check in (search_space, constraints):
         try:
             check(spec)

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from paretoray.actors.declarations import Param, ParamKind
-from paretoray.actors.generation import Generation, cache_nbytes, decode, eager_step, prefill
+from paretoray.actors.generation import BatchGeneration, Generation, cache_nbytes, decode, decode_batch, eager_step, prefill
 
 
 def param(
@@ -217,6 +217,10 @@ class Technique:
     # spec refuses that placement for it, with `context_only_note` as the reason.
     context_only: ClassVar[bool] = True
     context_only_note: ClassVar[str] = ""
+    # Decodes B sequences together (`generate_batch`, the workload's batch_size > 1), each exactly as
+    # it would alone. False: the spec refuses batch_size > 1 for it, giving `batch_note` as the reason.
+    batched: ClassVar[bool] = False
+    batch_note: ClassVar[str] = "decodes one sequence at a time"
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
@@ -242,6 +246,8 @@ class Technique:
             "decode_evicts": cls.decode_evicts,
             "context_only": cls.context_only,
             "context_only_note": cls.context_only_note,
+            "batched": cls.batched,
+            "batch_note": "" if cls.batched else cls.batch_note,
         }
 
     def __post_init__(self) -> None:
@@ -332,6 +338,58 @@ class Technique:
             compiled=static is not None,
             warmup_s=warmup_s,
         )
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        model: PreTrainedModel,
+        prompts: list[torch.Tensor],
+        max_new_tokens: int | list[int],
+        eos_token_ids: set[int] | None = None,
+        question_ids: list[torch.Tensor | None] | None = None,
+        compiled: bool = False,
+    ) -> BatchGeneration:
+        """B sequences decoded together, each exactly as `generate` decodes it alone (greedy).
+
+        prompts: B tensors [1, L_i] of any lengths (`question_ids`: B questions, each prompt then
+        being its context alone, or None for a sequence prefilled whole); max_new_tokens: one
+        budget, or one per sequence. Each sequence is prefilled alone with the technique applied (its
+        scores, budgets and evictions are its own: no padding reaches a hook), its cache converted
+        to static slots, and the B caches stacked into one of B rows (`static_decode.stack`: a row
+        padded with disabled slots, each at its own position). Every step then decodes all B:
+        through the compiled step when `compiled`, else the same step run eagerly. Needs
+        `batched` (every batched technique decodes statically).
+        """
+        from paretoray.actors import static_decode
+
+        if not self.batched:
+            raise ValueError(f"{self.name} cannot decode a batch: {self.batch_note}")
+        if question_ids is not None and len(question_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(question_ids)} questions")
+        device = prompts[0].device
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        caches, firsts, prefill_s, alone = [], [], [], []
+        for i, input_ids in enumerate(prompts):
+            with self.applied(model) as cache:
+                first, seconds = prefill(model, input_ids, cache, None if question_ids is None else question_ids[i])
+                static = self.static_cache(model, cache, budgets[i], release=True)
+            if static is None:
+                raise ValueError(f"{self.name}: sequence {i} ({input_ids.shape[-1]} tokens) cannot continue on static "
+                                 "slots, which a batch decodes with")
+            del cache
+            caches.append(static)
+            firsts.append(first)
+            prefill_s.append(seconds)
+            alone.append(cache_nbytes(static))
+        batch = static_decode.stack(model, caches)
+        del caches
+        with static_decode.static_attention_installed(model):
+            tokens, step_s, active, warmup_s = decode_batch(
+                static_decode.compiled_step(model, batch, compile=compiled), firsts, budgets, device, eos_token_ids,
+                unmeasured=static_decode.warmup_watch(device) if compiled else None)
+        return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active,
+                               kv_bytes=cache_nbytes(batch), kv_bytes_alone=alone,
+                               stats=[{} for _ in prompts], compiled=compiled, warmup_s=warmup_s)
 
     @contextmanager
     def applied(self, model: PreTrainedModel) -> Iterator[Cache]:

@@ -76,6 +76,12 @@ class Composition(Technique):
     def static_cache(self, model, cache, steps, release=False):
         return self.outer.static_cache(model, cache, steps, release)
 
+    def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False, **extra):
+        if not self.batched:
+            raise ValueError(f"{self.name} cannot decode a batch: {self.batch_note}")
+        return self.outer.generate_batch(model, prompts, max_new_tokens, eos_token_ids, question_ids=question_ids,
+                                         compiled=compiled, member=self.inner, **extra)
+
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None,
                  compiled=False, **extra):
         return self.outer.generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens=forced_tokens,
@@ -108,8 +114,8 @@ def composition_class(name: str) -> type[Composition]:
         "member_shapes_output": outer.member_shapes_output,
         "__module__": __name__,
     }
-    if hasattr(outer, "batched"):
-        attrs["batched"] = caps.get("batched", False)
+    attrs["batched"] = caps.get("batched", False)
+    attrs["batch_note"] = caps.get("batch_note", "")
     return type(f"Composition[{name}]", (Composition,), attrs)
 
 

@@ -18,6 +18,7 @@ class Dense(Technique):
     rollback = True  # transformers' DynamicCache crops exactly
     static_decode = True
     provides = ("kv_cache",)
+    batched = True
 
     def static_cache(self, model, cache, steps, release=False):
         from paretoray.actors.static_decode import convert, dynamic_to_static

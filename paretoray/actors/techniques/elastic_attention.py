@@ -228,6 +228,7 @@ class ElasticSpans(Technique):
     decode_evicts = True  # each head's span rolls
     context_only = False
     context_only_note = "each head's span is set from the whole prompt; use query_placement: query_aware"
+    batched = True  # each sequence's spans follow its own prompt length
     reports = ("target_calls", "kv_density")  # see generate
 
     def sinks(self) -> int:
@@ -261,6 +262,16 @@ class ElasticSpans(Technique):
         run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, compiled=compiled)
         # One target forward per decoded token, as the runner records for plain decoding when stats are empty.
         run.stats = {"target_calls": len(run.step_s), **run.stats, "kv_density": self.kv_density(model, prompt_len)}
+        return run
+
+    def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False):
+        if question_ids is not None:
+            raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
+        lengths = [ids.shape[-1] for ids in prompts]
+        for length in sorted(set(lengths)):
+            self.prepare_for_prompt(model, length)
+        run = super().generate_batch(model, prompts, max_new_tokens, eos_token_ids, compiled=compiled)
+        run.stats = [{"target_calls": len(tokens) - 1, "kv_density": self.kv_density(model, n)} for tokens, n in zip(run.tokens, lengths)]
         return run
 
     @contextmanager

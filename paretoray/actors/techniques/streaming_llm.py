@@ -39,10 +39,11 @@ from paretoray.actors.techniques.kv_compression import gather, select
 def rotate_by(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move RoPE-rotated keys `shift` positions further (HF's rotate-half layout).
 
-    keys: [batch, kv_heads, n, head_dim]; inv_freq: [head_dim // 2].
+    keys: [batch, kv_heads, n, head_dim]; inv_freq: [head_dim // 2]; shift: a number, or one per
+    batch row as [batch, 1, 1, 1] (a stacked batch's rows have evicted different numbers of tokens).
     """
     angle = shift * inv_freq.to(device=keys.device, dtype=torch.float64)
-    angle = torch.cat([angle, angle]).to(torch.float32)
+    angle = torch.cat([angle, angle], dim=-1).to(torch.float32)
     half = keys.shape[-1] // 2
     k = keys.float()
     rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
@@ -244,6 +245,7 @@ class StreamingLLM(Technique):
     static_decode = True
     provides = ("kv_cache",)
     decode_evicts = True  # the window rolls
+    batched = True
     examples = {"covers": {}, "compresses": {"n_sink": 4, "window": 32}}
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
