@@ -224,3 +224,17 @@ def test_a_sweep_of_it_needs_no_draft_and_reports_speculative_metrics(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert load_spec(path).model.draft is None
+
+
+def test_a_batch_gives_every_row_its_own_greedy_tokens(tiny_model, repetitive):
+    """Rows whose lookups propose different numbers of tokens (padded in one verification) and
+    accept different numbers each round: each row's tokens are the model's own."""
+    model, _ = tiny_model
+    rows = [repetitive, random_prompt(model, 50, 7), repetitive[:, :90]]
+    budgets = [30, 20, 25]
+    for params in ({}, {"ngram_size": 2, "max_candidates": 3}):
+        technique = build_technique("prompt_lookup", params)
+        batch = technique.generate_batch(model, rows, budgets)
+        assert batch.tokens == [build_technique("dense", {}).generate(model, ids, n).tokens for ids, n in zip(rows, budgets)]
+        assert sum(batch.active) == sum(len(t) - 1 for t in batch.tokens)
+        assert batch.stats[0]["accepted"] > 0

@@ -118,3 +118,45 @@ def test_context_only_placement_compresses_only_the_drafts_context(tiny_model):
     context, question = prompt(model, 120, seed=8), prompt(model, 10, seed=9)
     run = build_technique("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32}).generate(model, context, 16, question_ids=question)
     assert run.tokens == build_technique("dense", {}).generate(model, torch.cat([context, question], dim=-1), 16).tokens
+
+
+BATCH = [
+    ("self_spec", {}),
+    ("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32, "snapkv.window_size": 8}),
+    ("self_spec+h2o", {"h2o.max_capacity_prompt": 24}),
+    ("self_spec+streaming_llm", {"streaming_llm.window": 12, "self_spec.gamma": 6, "self_spec.stop_threshold": 0.5}),
+    ("self_spec+uniform_window", {"uniform_window.density": 0.2, "uniform_window.sink_tokens": 8}),
+]
+
+
+@pytest.mark.parametrize("name,params", BATCH, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BATCH)])
+def test_a_batch_gives_every_row_its_own_greedy_tokens(tiny_model, name, params):
+    """Rows of different lengths and budgets accept different numbers of proposals each round and
+    roll back to their own lengths; each row's tokens are the model's own greedy tokens."""
+    model, _ = tiny_model
+    rows = [prompt(model, n, seed=n) for n in (150, 90, 200)]
+    budgets = [30, 12, 30]
+    dense = [build_technique("dense", {}).generate(model, ids, n).tokens for ids, n in zip(rows, budgets)]
+    batch = build_technique(name, params).generate_batch(model, rows, budgets)
+    assert batch.tokens == dense
+    assert sum(batch.active) == sum(len(t) - 1 for t in batch.tokens)  # throughput counts each row's tokens once
+    assert all(s["target_calls"] >= 1 and s["accepted"] <= s["drafted"] for s in batch.stats)
+    assert batch.kv_bytes >= sum(batch.kv_bytes_alone) * 0.5
+
+
+def test_a_compiled_batch_gives_the_eager_batchs_tokens(tiny_model):
+    model, _ = tiny_model
+    rows = [prompt(model, n, seed=n) for n in (120, 70)]
+    technique = build_technique("self_spec+snapkv", {"snapkv.max_capacity_prompt": 32, "snapkv.window_size": 8})
+    eager = technique.generate_batch(model, rows, 16)
+    compiled = technique.generate_batch(model, rows, 16, compiled=True)
+    assert compiled.compiled and compiled.tokens == eager.tokens
+
+
+def test_a_sampled_batch_is_seeded_and_each_row_is_its_own(tiny_model):
+    model, _ = tiny_model
+    rows = [prompt(model, n, seed=n) for n in (60, 45)]
+    technique = build_technique("self_spec", {"temperature": 1.0, "gamma": 3})
+    first = technique.generate_batch(model, rows, 12, seed=3)
+    assert first.tokens == technique.generate_batch(model, rows, 12, seed=3).tokens
+    assert [len(t) for t in first.tokens] == [12, 12]

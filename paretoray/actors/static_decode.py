@@ -319,17 +319,26 @@ class StaticDecodeCache(Cache):
         """KV bytes physically held: every slot, the decode region preallocated included."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def rewind(self, length: int) -> None:
+    def rewind(self, length: int | list[int]) -> None:
         """Forget every token at a position >= `length` (their slots become empty) and continue
-        from there: a draft's rejected proposals (self_spec). An entry a rejected token's write
-        displaced (a full ring's oldest, an H2O eviction) does not come back."""
+        from there: a draft's rejected proposals (self_spec). A batch takes one length per row.
+        An entry a rejected token's write displaced (a full ring's oldest, an H2O eviction) does
+        not come back."""
+        if isinstance(length, list):
+            lengths = torch.tensor(length, dtype=torch.int64, device=self.position.device)
+            limit = lengths.view(-1, 1, 1)
+        else:
+            lengths = limit = length
         for layer in self.layers:
             for group in layer.groups:
-                stale = group.positions >= length
+                stale = group.positions >= limit
                 group.positions.masked_fill_(stale, -1)
                 if isinstance(getattr(group, "scores", None), torch.Tensor):
                     group.scores.masked_fill_(stale, 0.0)
-        self.position.fill_(length)
+        if isinstance(length, list):
+            self.position.copy_(lengths)
+        else:
+            self.position.fill_(length)
 
 
 def stack(model: PreTrainedModel, caches: list[StaticDecodeCache]) -> StaticDecodeCache:
@@ -524,14 +533,24 @@ class PositionalLayer:
         return [self.keys, self.values]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
+        if position.dim():  # a batch: row b writes at [position[b], position[b] + T)
+            slots = position.view(-1, 1) + torch.arange(key.shape[-2], device=key.device)  # [B, T]
+            index = slots[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1])
+            self.keys.scatter_(2, index, key)
+            self.values.scatter_(2, index, value)
+            return
         slots = position + torch.arange(key.shape[-2], device=key.device)  # [T]
         self.keys.index_copy_(2, slots, key)
         self.values.index_copy_(2, slots, value)
 
     def attend(self, query: torch.Tensor, scaling: float, position: torch.Tensor) -> torch.Tensor:
-        """query [B, Hq, T, D]: query t sees the slots up to its own position."""
-        queries = position + torch.arange(query.shape[-2], device=query.device)  # [T]
-        visible = torch.arange(self.keys.shape[2], device=query.device)[None, :] <= queries[:, None]  # [T, C]
+        """query [B, Hq, T, D]: query t sees the slots up to its own position (its row's, in a batch)."""
+        if position.dim():
+            queries = position.view(-1, 1) + torch.arange(query.shape[-2], device=query.device)  # [B, T]
+            visible = torch.arange(self.keys.shape[2], device=query.device) <= queries[:, None, :, None]  # [B, 1, T, C]
+        else:
+            queries = position + torch.arange(query.shape[-2], device=query.device)  # [T]
+            visible = torch.arange(self.keys.shape[2], device=query.device)[None, :] <= queries[:, None]  # [T, C]
         return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=visible, scale=scaling, enable_gqa=True)
 
     def nbytes(self) -> int:
@@ -545,7 +564,38 @@ class RollbackCache(StaticDecodeCache):
     def __init__(self, model: PreTrainedModel, cache: Cache, room: int):
         layers = [PositionalLayer(layer.keys, layer.values, layer.keys.shape[-2] + room) for layer in cache.layers]
         self.length = cache.get_seq_length()
+        self.lengths: list[int] | None = None  # a batch's rows (`stacked`)
         super().__init__(model, layers, self.length)
+
+    @classmethod
+    def stacked(cls, model: PreTrainedModel, caches: list[Cache], room: int) -> RollbackCache:
+        """One cache of len(caches) rows, each a sequence's full cache after its own prefill, with
+        room for `room` more tokens past the longest; row b continues at its own length."""
+        lengths = [cache.get_seq_length() for cache in caches]
+        capacity = max(lengths) + room
+        layers = []
+        for index in range(len(caches[0].layers)):
+            rows = [cache.layers[index] for cache in caches]
+            layer = PositionalLayer(rows[0].keys[:, :, :0], rows[0].values[:, :, :0], capacity)
+            layer.keys, layer.values = (torch.cat([layer.keys] * len(rows)), torch.cat([layer.values] * len(rows)))
+            for row, source in enumerate(rows):
+                layer.keys[row, :, : lengths[row]] = source.keys[0]
+                layer.values[row, :, : lengths[row]] = source.values[0]
+                source.keys = source.values = None  # one layer at a time: never the batch twice
+            layers.append(layer)
+        self = cls.__new__(cls)
+        StaticDecodeCache.__init__(self, model, layers, 0)
+        self.position = torch.tensor(lengths, dtype=torch.int64, device=self.position.device)
+        if self.position.device.type == "cuda":
+            torch._dynamo.mark_static_address(self.position)
+        self.length, self.lengths = max(lengths), list(lengths)
+        return self
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """A batch: row b keeps its first lengths[b] tokens (its rollback)."""
+        self.lengths = list(lengths)
+        self.length = max(lengths)
+        self.position.copy_(torch.tensor(lengths, dtype=torch.int64))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -558,6 +608,8 @@ class RollbackCache(StaticDecodeCache):
 
     def advance(self, tokens: int) -> None:
         self.length += tokens
+        if self.lengths is not None:
+            self.lengths = [length + tokens for length in self.lengths]
 
     def forward(self, model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
         """ids [1, T] through `model` (compiled), appended to this cache: logits or hidden states [1, T, .]."""
@@ -565,9 +617,12 @@ class RollbackCache(StaticDecodeCache):
 
 
 def _forward(model: PreTrainedModel, cache: StaticDecodeCache, ids: torch.Tensor) -> torch.Tensor:
-    """ids [1, T] appended at the cache's position: the causal LM's logits [1, T, V], or a base
-    model's last hidden states [1, T, H]."""
-    position_ids = (cache.position + torch.arange(ids.shape[1], device=ids.device))[None]
+    """ids [1, T] appended at the cache's position (a batch: [B, T], each row at its own): the
+    causal LM's logits [B, T, V], or a base model's last hidden states [B, T, H]."""
+    if cache.position.dim():
+        position_ids = cache.position.view(-1, 1) + torch.arange(ids.shape[1], device=ids.device)
+    else:
+        position_ids = (cache.position + torch.arange(ids.shape[1], device=ids.device))[None]
     out = model(input_ids=ids, position_ids=position_ids, use_cache=True, **{cache.keyword: cache, CACHE_KWARG: cache})
     cache.position.add_(ids.shape[1])
     return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -31,15 +31,18 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from paretoray.actors.generation import Generation, cache_nbytes, timed, with_cache
+from paretoray.actors.generation import BatchGeneration, Generation, cache_nbytes, timed, with_cache
 from paretoray.actors.techniques.base import Technique, param, register
 from paretoray.actors.techniques.speculative import (
     TEMPERATURE,
     Proposal,
+    RowProposals,
+    RowProposer,
     Sampler,
     Speculative,
     SpeculativeStats,
     roll_back,
+    speculate_batch,
     verify_proposal,
 )
 
@@ -104,6 +107,42 @@ class PromptLookup(Technique):
     reports = Speculative.reports  # the same counters as specdec; draft_calls stays 0 (no draft model)
     static_decode = True  # the target verifies over a static rollback cache, a symbolic token count
     examples = {"covers": {}, "bigram_three": {"ngram_size": 2, "max_candidates": 3}, "unigram_one": {"ngram_size": 1, "max_candidates": 1}}
+    # A batch: each row looks up its own text, the target verifies every row in one forward
+    # (rows padded to the longest proposal), and each row rolls back to its own length.
+    batched = True
+
+    def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False,
+                       seed: int = 0) -> BatchGeneration:
+        """B sequences, each row's tokens what `generate` gives it alone (greedy)."""
+        from paretoray.actors import static_decode
+
+        device = prompts[0].device
+        eos = eos_token_ids or set()
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        samplers = [Sampler.of(self.temperature, seed, device) for _ in prompts]
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        fulls, sequences, prompt_lens, prefill_s, alone = [], [], [], [], []
+        with torch.inference_mode():
+            for b, prompt in enumerate(prompts):
+                input_ids = prompt if question_ids is None or question_ids[b] is None else torch.cat([prompt, question_ids[b]], -1)
+                took: list[float] = []
+                with timed(device, took):
+                    cache = DynamicCache(config=model.config)
+                    logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+                    sequences.append(input_ids[0].tolist() + [samplers[b].first(logits[0, -1])])
+                fulls.append(cache)
+                alone.append(cache_nbytes(cache))
+                prompt_lens.append(input_ids.shape[-1])
+                prefill_s.append(took[0])
+            target = static_decode.RollbackCache.stacked(model, fulls, max(budgets) + self.max_candidates + 1)
+            del fulls
+            proposer = LookupRows(self, eos, vocab_size, samplers, device)
+            with static_decode.static_attention_installed(model):
+                tokens, step_s, active, warmup_s, stats = speculate_batch(
+                    model, target, compiled, proposer, sequences, prompt_lens, budgets, eos, samplers,
+                    unmeasured=static_decode.warmup_watch(device) if compiled else None)
+        return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active, kv_bytes=cache_nbytes(target),
+                               kv_bytes_alone=alone, stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s)
 
     @torch.inference_mode()
     def generate(
@@ -189,3 +228,27 @@ def lookup_generate(
         compiled=unmeasured is not None,
         warmup_s=warmup_s,
     )
+
+
+class LookupRows(RowProposer):
+    """prompt_lookup's proposals for a batch: each row's own n-gram match, padded to the longest."""
+
+    def __init__(self, technique: PromptLookup, eos: set[int], vocab_size: int, samplers: list[Sampler], device):
+        self.technique, self.eos, self.vocab_size, self.samplers, self.device = technique, eos, vocab_size, samplers, device
+
+    def propose(self, sequences, room, active):
+        rows = []
+        for sequence, left, a in zip(sequences, room, active):
+            if not a:
+                rows.append([])
+                continue
+            found = lookup(np.asarray(sequence, dtype=np.int64), self.technique.ngram_size,
+                           min(self.technique.max_candidates, left - 1)).tolist()
+            ends = [i for i, t in enumerate(found) if t in self.eos]
+            rows.append(found[: ends[0] + 1] if ends else found)
+        width = max(len(row) for row in rows)
+        tokens = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.int64, device=self.device)
+        q = None
+        if not all(s.greedy for s in self.samplers):
+            q = torch.nn.functional.one_hot(tokens, self.vocab_size).float()  # [B, K, V]: a deterministic draft
+        return RowProposals(tokens, [len(row) for row in rows], q)

@@ -39,13 +39,18 @@ from transformers import DynamicCache, PreTrainedModel
 from paretoray.actors import static_decode
 from paretoray.actors.generation import Generation, cache_nbytes, timed, with_cache
 from paretoray.actors.techniques.base import Technique, build_technique, param, register
+from paretoray.actors.generation import BatchGeneration
 from paretoray.actors.techniques.speculative import (
     TEMPERATURE,
     Proposal,
+    RowProposals,
+    RowProposer,
     Sampler,
     SpeculativeStats,
     distribution,
     roll_back,
+    speculate_batch,
+    target_forward,
     verify,
     verify_greedy,
 )
@@ -73,6 +78,21 @@ class SelfSpec(Technique):
     member_requires = {"static_decode": (True, "the draft decodes and rewinds over the member's static slot cache")}
     member_shapes_output = False  # the member only decides how often the draft is right
     examples = {"covers": {}, "one_candidate": {"gamma": 1}, "threshold": {"gamma": 6, "stop_threshold": 0.5}}
+    # A batch (MagicDec's setting): every row drafts over its own compressed cache, the target
+    # verifies all rows in one forward, and each row rolls back to its own length.
+    batched = True
+
+    def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False,
+                       member: Technique | None = None, seed: int = 0) -> BatchGeneration:
+        """B sequences (each row's tokens are what `generate` gives it alone under greedy decoding;
+        sampling seeds every row with `seed`)."""
+        member = member if member is not None else build_technique(DEFAULT_DRAFT_CACHE, {})
+        for prompt in prompts:
+            member.prepare_for_prompt(model, prompt.shape[-1])
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        with torch.inference_mode():
+            return self_speculative_batch(self, model, member, prompts, budgets, eos_token_ids or set(), seed, compiled,
+                                          question_ids)
 
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None,
                  compiled=False, member: Technique | None = None, seed: int = 0) -> Generation:
@@ -215,3 +235,105 @@ def self_speculative_generate(technique: SelfSpec, model: PreTrainedModel, membe
         compiled=compiled,
         warmup_s=warmup_s,
     )
+
+
+class DraftRows(RowProposer):
+    """self_spec's drafts for a batch: the rows' compressed caches stacked into one static cache."""
+
+    def __init__(self, model, cache: static_decode.StaticDecodeCache, technique: SelfSpec, samplers: list[Sampler],
+                 read: list[int], compiled: bool, stats: list[SpeculativeStats]):
+        self.model, self.cache, self.technique, self.samplers = model, cache, technique, samplers
+        self.read, self.compiled, self.stats = read, compiled, stats  # read[b]: tokens row b's draft cache holds
+
+    def forward(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """One token per row -> next-token logits [B, V]."""
+        ids = torch.as_tensor(tokens, device=self.cache.position.device).view(-1, 1)
+        return target_forward(self.model, self.cache, ids, self.compiled)[:, -1]
+
+    def propose(self, sequences, room, active):
+        # Catch up: every row re-reads its last `behind` committed tokens (a row already holding
+        # some of them is rewound first: rewriting a token at its own position gives the same entry).
+        lengths = [len(s) for s in sequences]
+        behind = max(n - r for n, r, a in zip(lengths, self.read, active) if a)
+        start = [n - behind for n in lengths]
+        if any(r > s for r, s in zip(self.read, start)):
+            self.cache.rewind(start)
+        for j in range(behind):
+            logits = self.forward([s[n - behind + j] for s, n in zip(sequences, lengths)])
+            for b, a in enumerate(active):
+                self.stats[b].draft_calls += int(a)
+        caps = [min(self.technique.gamma, r) if a else 0 for r, a in zip(room, active)]
+        tokens, dists, counts, stopped, confident = [], [], [0] * len(sequences), [c == 0 for c in caps], [1.0] * len(sequences)
+        greedy = all(s.greedy for s in self.samplers)
+        while True:
+            if greedy:
+                token, q = logits.argmax(dim=-1), None  # [B]
+            else:
+                q = distribution(logits, self.samplers[0].temperature)  # [B, V]
+                token = torch.stack([torch.multinomial(q[b], 1, generator=s.generator)[0] for b, s in enumerate(self.samplers)])
+                dists.append(q)
+            tokens.append(token)
+            probs = None
+            if self.technique.stop_threshold < 1.0:
+                probs = (q if q is not None else torch.softmax(logits.float(), -1)).gather(1, token[:, None])[:, 0].tolist()
+            for b in range(len(sequences)):
+                if stopped[b]:
+                    continue
+                counts[b] += 1
+                if counts[b] >= caps[b]:
+                    stopped[b] = True
+                elif probs is not None:
+                    confident[b] *= probs[b]
+                    stopped[b] = 1.0 - confident[b] > self.technique.stop_threshold
+            if all(stopped):
+                break
+            logits = self.forward(token)
+        for b in range(len(sequences)):
+            self.stats[b].draft_calls += counts[b]
+        self.read = [n + len(tokens) - 1 for n in lengths]
+        return RowProposals(torch.stack(tokens, dim=1), counts, torch.stack(dists, dim=1) if dists else None)
+
+    def committed(self, lengths):
+        keep = [min(r, n) for r, n in zip(self.read, lengths)]
+        if keep != self.read:
+            self.cache.rewind(keep)
+            self.read = keep
+
+
+def self_speculative_batch(technique: SelfSpec, model: PreTrainedModel, member: Technique, prompts: list[torch.Tensor],
+                           budgets: list[int], eos_token_ids: set[int], seed: int, compiled: bool,
+                           question_ids: list[torch.Tensor | None] | None = None) -> BatchGeneration:
+    """Each row prefilled alone (its full cache and its member's compressed one), the rows stacked,
+    then `speculative.speculate_batch`."""
+    device = prompts[0].device
+    samplers = [Sampler.of(technique.temperature, seed, device) for _ in prompts]
+    fulls, drafts, sequences, prompt_lens, prefill_s, alone = [], [], [], [], [], []
+    for b, context in enumerate(prompts):
+        question = None if question_ids is None else question_ids[b]
+        input_ids = context if question is None else torch.cat([context, question], dim=-1)
+        took: list[float] = []
+        with timed(device, took):
+            full = DynamicCache(config=model.config)
+            logits = model(input_ids=input_ids, **with_cache(model, full), use_cache=True, logits_to_keep=1).logits
+            first = samplers[b].first(logits[0, -1])
+            draft = draft_cache(model, member, context, budgets[b] + technique.gamma + 2, question)
+        fulls.append(full)
+        drafts.append(draft)
+        alone.append(cache_nbytes(full) + cache_nbytes(draft))
+        sequences.append(input_ids[0].tolist() + [first])
+        prompt_lens.append(input_ids.shape[-1])
+        prefill_s.append(took[0])
+    target = static_decode.RollbackCache.stacked(model, fulls, max(budgets) + technique.gamma + 2)
+    draft = static_decode.stack(model, drafts)
+    del fulls, drafts
+    stats = [SpeculativeStats() for _ in prompts]
+    proposer = DraftRows(model, draft, technique, samplers, list(prompt_lens), compiled, stats)
+    with static_decode.static_attention_installed(model):
+        tokens, step_s, active, warmup_s, verified = speculate_batch(
+            model, target, compiled, proposer, sequences, prompt_lens, budgets, eos_token_ids, samplers,
+            unmeasured=static_decode.warmup_watch(device) if compiled else None)
+    for row, counters in zip(stats, verified):
+        row.drafted, row.accepted, row.target_calls = counters.drafted, counters.accepted, counters.target_calls
+    return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active,
+                           kv_bytes=cache_nbytes(target) + cache_nbytes(draft), kv_bytes_alone=alone,
+                           stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s)

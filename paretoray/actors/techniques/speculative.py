@@ -373,3 +373,128 @@ def speculative_generate(
         compiled=unmeasured is not None,
         warmup_s=warmup_s,
     )
+
+
+# ---- batches: every row verified in one target forward, each rolled back to its own length -------
+
+
+@dataclass
+class RowProposals:
+    """One round's proposals for a batch: tokens [B, K] (a row's first `counts[b]` are its own, the
+    rest padding), and the draft's distributions [B, K, V] when sampling."""
+
+    tokens: torch.Tensor
+    counts: list[int]
+    q: torch.Tensor | None = None
+
+
+class RowProposer:
+    """What drafts for a batch (self_spec's compressed caches, prompt lookup's n-grams)."""
+
+    def propose(self, sequences: list[list[int]], room: list[int], active: list[bool]) -> RowProposals:
+        """Proposals for each row: at most room[b] tokens for an active row, none for a done one."""
+        raise NotImplementedError
+
+    def committed(self, lengths: list[int]) -> None:
+        """After verification: row b keeps its first lengths[b] tokens (the draft forgets the rest)."""
+
+
+def verify_rows(logits: torch.Tensor, proposals: RowProposals, samplers: list[Sampler]) -> list[list[int]]:
+    """Each row's accepted proposals plus the target's token after them, from the target's logits
+    [B, K + 1, V] over [last committed, d_1..d_K]: the one-sequence rules, row by row."""
+    k = proposals.tokens.shape[1]
+    counts = torch.tensor(proposals.counts, device=logits.device)
+    if all(s.greedy for s in samplers):  # one host transfer for the whole batch
+        argmax = logits.argmax(dim=-1)  # [B, K + 1]
+        own = torch.arange(k, device=logits.device) < counts[:, None]
+        accepted = ((argmax[:, :k] == proposals.tokens) & own).int().cumprod(1).sum(1)  # [B]
+        following = argmax.gather(1, accepted[:, None])[:, 0]
+        flat = torch.cat([proposals.tokens, accepted[:, None], following[:, None]], dim=1).tolist()
+        return [row[: row[k]] + [row[k + 1]] for row in flat]
+    out = []
+    for b, sampler in enumerate(samplers):
+        n = proposals.counts[b]
+        drafted = proposals.tokens[b, :n].tolist()
+        accepted, following = verify(distribution(logits[b, : n + 1], sampler.temperature), proposals.q[b, :n], drafted,
+                                     sampler.generator)
+        out.append(drafted[:accepted] + [following])
+    return out
+
+
+def target_forward(model: PreTrainedModel, cache, ids: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """ids [B, T] through the model over a static cache (static attention installed): compiled, or
+    the same function run eagerly. Logits [B, T, V]."""
+    from paretoray.actors import static_decode
+
+    if compiled:
+        return static_decode.compiled_forward(model, cache, ids)
+    out = static_decode._forward(model, cache, ids)
+    if isinstance(cache, static_decode.RollbackCache):
+        cache.advance(ids.shape[1])
+    return out
+
+
+def speculate_batch(
+    model: PreTrainedModel,
+    target,  # static_decode.RollbackCache.stacked: row b holds sequences[b][:-1]
+    compiled: bool,
+    proposer: RowProposer,
+    sequences: list[list[int]],  # per row: prompt + the first token
+    prompt_lens: list[int],
+    budgets: list[int],
+    eos_token_ids: set[int],
+    samplers: list[Sampler],
+    unmeasured=None,
+) -> tuple[list[list[int]], list[float], list[int], float, list[SpeculativeStats]]:
+    """Draft-and-verify for B rows at once: each round every active row gets proposals, the target
+    verifies [last committed, proposals] of every row in one forward, and each row keeps its own
+    accepted prefix plus the target's next token (a row's tokens are what it decodes alone). The
+    target's rows are rolled back to their own lengths. Returns (tokens per row, measured
+    pseudo-steps, rows active in each, warm-up seconds, counters per row): a round committing n_b
+    tokens to row b counts as max n_b steps of its time / max n_b, step j active for the rows with
+    n_b > j (so tokens / time is the round's throughput)."""
+    device = target.position.device
+    stats = [SpeculativeStats() for _ in sequences]
+    done = [len(s) - p >= budget or s[-1] in eos_token_ids for s, p, budget in zip(sequences, prompt_lens, budgets)]
+    step_s: list[float] = []
+    active_steps: list[int] = []
+    warmup_s, rounds = 0.0, 0
+    while not all(done):
+        took: list[float] = []
+        with timed(device, took):
+            room = [0 if d else budget - (len(s) - p) for s, p, budget, d in zip(sequences, prompt_lens, budgets, done)]
+            last = torch.tensor([[s[-1]] for s in sequences], device=device)
+            proposals = proposer.propose(sequences, room, [not d for d in done])
+            logits = target_forward(model, target, torch.cat([last, proposals.tokens], dim=1), compiled)  # [B, K + 1, V]
+            new = verify_rows(logits, proposals, samplers)
+            lengths = []
+            for b, tokens in enumerate(new):
+                if done[b]:
+                    new[b] = []
+                    lengths.append(len(sequences[b]) - 1)
+                    continue
+                stats[b].drafted += proposals.counts[b]
+                stats[b].accepted += len(tokens) - 1
+                stats[b].target_calls += 1
+                tokens = new[b] = tokens[: budgets[b] - (len(sequences[b]) - prompt_lens[b])]  # past its budget: not counted
+                lengths.append(len(sequences[b]) + len(tokens) - 1)
+                sequences[b].extend(tokens)
+                generated = sequences[b][prompt_lens[b]:]
+                done[b] = len(generated) >= budgets[b] or any(t in eos_token_ids for t in tokens)
+            target.set_lengths(lengths)
+            proposer.committed(lengths)
+        if unmeasured is not None and unmeasured(rounds):
+            warmup_s += took[0]
+        else:
+            widest = max(len(tokens) for tokens in new)
+            for j in range(widest):
+                step_s.append(took[0] / widest)
+                active_steps.append(sum(len(tokens) > j for tokens in new))
+        rounds += 1
+    out = []
+    for s, p, budget in zip(sequences, prompt_lens, budgets):
+        tokens = s[p:][:budget]
+        if any(t in eos_token_ids for t in tokens):
+            tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
+        out.append(tokens)
+    return out, step_s, active_steps, warmup_s, stats
