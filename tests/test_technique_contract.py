@@ -211,6 +211,20 @@ def test_compiled_decoding_gives_the_eager_tokens(setting, name, example):
 
 
 @pytest.mark.parametrize("name,example", MODEL)
+def test_a_batch_decodes_each_sequence_as_alone(setting, name, example):
+    """`batched`: two prompts of different lengths decoded together (the static step, eagerly) give
+    each the tokens it gets alone; a technique that cannot batch says why (`batch_note`)."""
+    technique = technique_for(name, example)
+    if not technique.batched:
+        assert technique.batch_note, f"{name}: declare batch_note (why it decodes one sequence at a time)"
+        return
+    prompts = [setting["ids"], setting["ids"][:, : PROMPT_LEN - 37]]
+    technique.prepare(setting["model"], [PROMPT_LEN])  # as `run`: the shorter prompt is served by the same plan
+    batch = technique.generate_batch(setting["model"], prompts, NEW_TOKENS)
+    assert batch.tokens == [technique.generate(setting["model"], ids, NEW_TOKENS).tokens for ids in prompts]
+
+
+@pytest.mark.parametrize("name,example", MODEL)
 def test_deterministic(setting, name, example):
     technique = technique_for(name, example)
     assert run(technique, setting).tokens == run(technique, setting).tokens

@@ -182,43 +182,10 @@ class TrialRunner:
                 runs["technique"].append(technique.generate(
                     self.model, input_ids, budget, self.eos_token_ids, question_ids=question_ids, compiled=self.compile, **extra))
                 peak_mb = max(peak_mb, self.memory.read_mb())
-        dense, run = runs["dense"][0], runs["technique"][0]
-        text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
-        dense_text = self.tokenizer.decode(dense.tokens, skip_special_tokens=True)
-        scores = task.score(sample, text, reference=dense_text)
-        dense_scores = task.score(sample, dense_text, reference=dense_text)
-        fidelity = None
-        if workload.fidelity and technique.is_reference:
-            fidelity = 1.0  # the reference agrees with its own continuation by definition
-        elif workload.fidelity and not technique.lossless:  # a lossless decoder's argmax is dense's: nothing to measure
-            forced = technique.generate(
-                self.model, input_ids, budget, forced_tokens=dense.tokens, question_ids=question_ids, compiled=self.compile, **extra)
-            fidelity = forced.agreement
-        row: dict[str, Any] = {
-            "sample_id": sample.sample_id,
-            "context_length": sample.context_length,
-            "prompt_tokens": len(sample.prompt_ids),
-            "depth": sample.depth,
-            "group": sample.group,
-            "answer": " | ".join(sample.expected),
-            "output": text,
-            "dense_output": dense_text,
-            **scores,
-            "dense_accuracy": dense_scores["accuracy"],
-            "output_match": float(run.tokens == dense.tokens),
-            "fidelity": fidelity,
-            "new_tokens": len(run.tokens),
-            "kv_cache_bytes": run.kv_bytes,
-            "peak_memory_mb": peak_mb,
-            "repeats": workload.repeats,
-            "compiled": run.compiled,  # its decode steps ran the compiled static-shape step
-            "dense_compiled": dense.compiled,
-            "decode_warmup_s": sum(r.warmup_s for r in runs["technique"]),  # steps left out: compiling, recording
-            **_paired_timing(runs["dense"], runs["technique"]),
-            "batch_size": 1,
-            "batch_kv_cache_bytes": run.kv_bytes,
-            **_paired_throughput(runs["dense"], runs["technique"]),
-        }
+        fidelity = self._fidelity(technique, workload, input_ids, question_ids, budget, runs["dense"][0].tokens, extra)
+        row = self._row(sample, runs["dense"], runs["technique"], task, workload, fidelity, peak_mb)
+        run = runs["technique"][0]
+        row.update({"batch_size": 1, "batch_kv_cache_bytes": run.kv_bytes, **_paired_throughput(runs["dense"], runs["technique"])})
         row.update(dict(run.stats) or {"target_calls": len(run.step_s)})  # plain decoding: one target forward per step
         return row
 
@@ -247,49 +214,64 @@ class TrialRunner:
             dict.fromkeys(("batch_tokens_per_s", "dense_batch_tokens_per_s", "throughput_speedup"))
         rows = []
         for i, sample in enumerate(batch):
+            # Sequence i as a run of its own: its tokens, prefill and bytes (as alone), the batch's steps
+            # (latency_ms_per_token: per sequence, the batch's median step, which gives it one token).
             dense_runs = [_sequence(r, i) for r in runs["dense"]]
             technique_runs = [_sequence(r, i) for r in runs["technique"]]
-            dense, run = dense_runs[0], technique_runs[0]
-            text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
-            dense_text = self.tokenizer.decode(dense.tokens, skip_special_tokens=True)
-            fidelity = None
-            if workload.fidelity and technique.is_reference:
-                fidelity = 1.0
-            elif workload.fidelity and not technique.lossless:  # teacher-forced alone: the batch changes no token
-                input_ids, question_ids = inputs[i]
-                fidelity = technique.generate(self.model, input_ids, budgets[i], forced_tokens=dense.tokens,
-                                              question_ids=question_ids, compiled=self.compile).agreement
-            row: dict[str, Any] = {
-                "sample_id": sample.sample_id,
-                "context_length": sample.context_length,
-                "prompt_tokens": len(sample.prompt_ids),
-                "depth": sample.depth,
-                "group": sample.group,
-                "answer": " | ".join(sample.expected),
-                "output": text,
-                "dense_output": dense_text,
-                **task.score(sample, text, reference=dense_text),
-                "dense_accuracy": task.score(sample, dense_text, reference=dense_text)["accuracy"],
-                "output_match": float(run.tokens == dense.tokens),
-                "fidelity": fidelity,
-                "new_tokens": len(run.tokens),
-                "kv_cache_bytes": run.kv_bytes,  # this sequence's own slots (as alone)
-                "peak_memory_mb": peak_mb,  # the batch's
-                "repeats": workload.repeats,
-                "compiled": run.compiled,
-                "dense_compiled": dense.compiled,
-                "decode_warmup_s": sum(r.warmup_s for r in runs["technique"]),
-                # latency_ms_per_token: per sequence, the batch's median step (each gives it one token)
-                **_paired_timing(dense_runs, technique_runs),
+            # Teacher-forced alone: the batch changes no sequence's tokens.
+            fidelity = self._fidelity(technique, workload, *inputs[i], budgets[i], dense_runs[0].tokens, {})
+            row = self._row(sample, dense_runs, technique_runs, task, workload, fidelity, peak_mb)  # the batch's peak
+            row.update({
                 "batch_size": len(batch),
                 "batch_index": index,
                 "batch_kv_cache_bytes": runs["technique"][0].kv_bytes,  # every row, padded to the batch's largest
                 "batch_prefill_ms": median_or_none([1000 * sum(r.prefill_s) for r in runs["technique"]]),
                 **throughput,
-            }
-            row.update(dict(run.stats) or {"target_calls": len(run.tokens) - 1})
+            })
+            row.update(dict(technique_runs[0].stats) or {"target_calls": len(technique_runs[0].tokens) - 1})
             rows.append(row)
         return rows
+
+    def _fidelity(self, technique: Technique, workload: Workload, input_ids: torch.Tensor, question_ids: torch.Tensor | None,
+                  budget: int, dense_tokens: list[int], extra: dict[str, Any]) -> float | None:
+        """Teacher-forced agreement with dense's continuation, where the workload asks for it."""
+        if not workload.fidelity:
+            return None
+        if technique.is_reference:
+            return 1.0  # the reference agrees with its own continuation by definition
+        if technique.lossless:
+            return None  # a lossless decoder's argmax is dense's: nothing to measure
+        return technique.generate(self.model, input_ids, budget, forced_tokens=dense_tokens, question_ids=question_ids,
+                                  compiled=self.compile, **extra).agreement
+
+    def _row(self, sample: Sample, dense_runs: list[Generation], technique_runs: list[Generation], task: Task,
+             workload: Workload, fidelity: float | None, peak_mb: float) -> dict[str, Any]:
+        """A sample's row from its paired runs (the first repeat's tokens are scored)."""
+        dense, run = dense_runs[0], technique_runs[0]
+        text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
+        dense_text = self.tokenizer.decode(dense.tokens, skip_special_tokens=True)
+        return {
+            "sample_id": sample.sample_id,
+            "context_length": sample.context_length,
+            "prompt_tokens": len(sample.prompt_ids),
+            "depth": sample.depth,
+            "group": sample.group,
+            "answer": " | ".join(sample.expected),
+            "output": text,
+            "dense_output": dense_text,
+            **task.score(sample, text, reference=dense_text),
+            "dense_accuracy": task.score(sample, dense_text, reference=dense_text)["accuracy"],
+            "output_match": float(run.tokens == dense.tokens),
+            "fidelity": fidelity,
+            "new_tokens": len(run.tokens),
+            "kv_cache_bytes": run.kv_bytes,
+            "peak_memory_mb": peak_mb,
+            "repeats": workload.repeats,
+            "compiled": run.compiled,  # its decode steps ran the compiled static-shape step
+            "dense_compiled": dense.compiled,
+            "decode_warmup_s": sum(r.warmup_s for r in technique_runs),  # steps left out: compiling, recording
+            **_paired_timing(dense_runs, technique_runs),
+        }
 
     def _inputs(self, sample: Sample, workload: Workload) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt as one chunk (query-aware), or the context then the question (context-only)."""
