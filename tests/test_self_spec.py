@@ -160,3 +160,28 @@ def test_a_sampled_batch_is_seeded_and_each_row_is_its_own(tiny_model):
     first = technique.generate_batch(model, rows, 12, seed=3)
     assert first.tokens == technique.generate_batch(model, rows, 12, seed=3).tokens
     assert [len(t) for t in first.tokens] == [12, 12]
+
+
+def test_long_context_decoding_benchmark_ends_with_its_json_record():
+    """benchmarks/long_context_decoding.py on a random tiny shape: paired rows per length, batch size
+    and configuration; lossless configurations match dense; one that cannot batch is skipped with why."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context_decoding.py"
+    done = subprocess.run([sys.executable, str(script), "--random-shape", "tiny", "--dtype", "float32", "--lengths", "160",
+                           "--batch-sizes", "1", "2", "--new-tokens", "8", "--threads", "1", "--configs", "dense",
+                           "self_spec:gamma=3+snapkv:max_capacity_prompt=48", "prompt_lookup", "kv_quant:bits=4"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["benchmark"] == "long_context_decoding"
+    rows = {(r["config"].split("(")[0], r["batch"]): r for r in record["rows"]}
+    assert "skipped" in rows[("kv_quant", 2)]
+    for batch in (1, 2):
+        for name in ("dense", "self_spec", "prompt_lookup"):
+            row = rows[(name, batch)]
+            assert row["tokens_per_s"] > 0 and row["tokens_match_dense"] and row["context"] == 160
+        assert 0 <= rows[("self_spec", batch)]["acceptance"] <= 1
