@@ -204,20 +204,31 @@ def test_a_bad_batch_size_names_the_field(tmp_path, value, expected):
 def test_batches_are_refused_for_a_technique_that_cannot_batch_with_its_reason(tmp_path):
     import yaml
 
-    from paretoray.orchestrator.spec import SpecError, load_spec
+    from paretoray.orchestrator.spec import SpecError, load_spec, notes, search_space
 
     data = json.loads(json.dumps(SPEC))
     data["model"] = {"id": "smollm2-135m", "draft": "smollm2-135m-draft"}
     data["techniques"]["specdec"] = {"gamma": 3}
     path = tmp_path / "spec.yaml"
+    for batch in (4, [2, 4], {"low": 2, "high": 8}):
+        data["workload"]["batch_size"] = batch
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(SpecError) as caught:
+            load_spec(path)
+        message = dict(caught.value.problems)["workload.batch_size"]
+        assert message.startswith("specdec cannot decode a batch (batch_size up to "), message
+        assert "draft-and-verify" in message
+    # A swept batch size that includes 1: specdec runs at 1 only, and validation says so.
+    data["workload"]["batch_size"] = [1, 4]
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(SpecError) as caught:
-        load_spec(path)
-    message = dict(caught.value.problems)["workload.batch_size"]
-    assert message.startswith("specdec cannot decode a batch (batch_size up to 4): draft-and-verify")
+    spec = load_spec(path)
+    batch = {d.name: d for d in search_space(spec)["specdec"]}["workload.batch_size"]
+    assert batch.kind == "fixed" and batch.value == 1
+    assert {d.name: d for d in search_space(spec)["snapkv"]}["workload.batch_size"].choices == (1, 4)
+    assert notes(spec) == [f"specdec runs at batch_size 1 only ({build_technique('specdec', {}).batch_note})"]
     data["workload"]["batch_size"] = 1
     path.write_text(yaml.safe_dump(data))
-    assert load_spec(path)  # one sequence at a time: fine
+    assert load_spec(path) and not notes(load_spec(path))  # one sequence at a time: fine
 
 
 # ---- the runner: B samples at a time ------------------------------------------------------------
