@@ -217,7 +217,7 @@ def test_batches_are_refused_for_a_technique_that_cannot_batch_with_its_reason(t
             load_spec(path)
         message = dict(caught.value.problems)["workload.batch_size"]
         assert message.startswith("specdec cannot decode a batch (batch_size up to "), message
-        assert "draft-and-verify" in message
+        assert "draft model decodes one sequence at a time" in message
     # A swept batch size that includes 1: specdec runs at 1 only, and validation says so.
     data["workload"]["batch_size"] = [1, 4]
     path.write_text(yaml.safe_dump(data))

@@ -178,8 +178,7 @@ class Speculative(Technique):
     # the target's verification of gamma + 1 tokens take a graph with a symbolic token count (gamma
     # varies with SpecDec++'s stopping). The prefill and the policy (SpecDec++'s head) stay eager.
     static_decode = True
-    batch_note = ("draft-and-verify accepts a different number of tokens per sequence every round: a lossless batch "
-                  "needs ragged per-sequence rollback, which its caches do not do; it decodes one sequence at a time")
+    batch_note = "its draft model decodes one sequence at a time; self_spec and prompt_lookup decode batches"
 
     def policy(self, draft: PreTrainedModel, target: PreTrainedModel) -> DraftPolicy:
         """A fresh drafting policy for one generation: when to stop proposing in each round."""
