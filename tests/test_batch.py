@@ -267,3 +267,15 @@ def test_runner_measures_batches_and_reports_their_columns(tiny_model_dir):
                  "latency_ms_per_token", "speedup", "kv_cache_mb", "batch_kv_cache_mb", "peak_memory_mb", "fidelity"):
         assert math.isfinite(metrics[name]), name
     assert metrics["batch_kv_cache_mb"] > metrics["kv_cache_mb"]
+
+
+def test_batches_hold_one_length_or_mix_lengths_as_asked():
+    from types import SimpleNamespace
+
+    from paretoray.actors.runner import _batches
+
+    samples = [SimpleNamespace(context_length=n, sample_id=i) for i, n in enumerate([256, 256, 256, 512, 1024])]
+    same = _batches(samples, 2)
+    assert [[s.sample_id for s in b] for b in same] == [[0, 1], [2], [3], [4]]
+    mixed = _batches(samples, 2, mixed=True)
+    assert [[s.sample_id for s in b] for b in mixed] == [[0, 1], [2, 3], [4]]

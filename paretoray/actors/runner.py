@@ -154,7 +154,7 @@ class TrialRunner:
                 index = seen[sample.context_length] = seen.get(sample.context_length, -1) + 1
                 rows.append(self._measure_sample(index, sample, technique, task, workload))
         else:
-            for batch in _batches(samples, workload.batch):
+            for batch in _batches(samples, workload.batch, mixed=workload.batch_lengths == "mixed"):
                 index = seen[batch[0].context_length] = seen.get(batch[0].context_length, -1) + 1
                 rows += self._measure_batch(index, batch, technique, task, workload)
         return {
@@ -351,11 +351,12 @@ class TrialRunner:
         return chosen
 
 
-def _batches(samples: list[Sample], size: int) -> list[list[Sample]]:
-    """Consecutive samples of one context length, `size` at a time (a length's last batch may be smaller)."""
+def _batches(samples: list[Sample], size: int, mixed: bool = False) -> list[list[Sample]]:
+    """Consecutive samples of one context length, `size` at a time (a length's last batch may be
+    smaller); `mixed`: consecutive samples whatever their lengths (only the last may be smaller)."""
     batches: list[list[Sample]] = []
     for sample in samples:
-        if batches and len(batches[-1]) < size and batches[-1][0].context_length == sample.context_length:
+        if batches and len(batches[-1]) < size and (mixed or batches[-1][0].context_length == sample.context_length):
             batches[-1].append(sample)
         else:
             batches.append([sample])

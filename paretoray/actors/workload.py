@@ -48,6 +48,11 @@ class Workload(BaseModel):
         "{low, high[, step]} that every technique's search space gets as the dimension `workload.batch_size`. "
         "Each sequence is prefilled alone, then the batch decodes together, each exactly as it would alone",
     )
+    batch_lengths: Literal["same", "mixed"] = Field(
+        "same",
+        description="same: a batch holds samples of one context length (a length's last batch may be smaller); "
+        "mixed: consecutive samples whatever their lengths, as a server batches requests",
+    )
     min_dense_accuracy: float = Field(
         0.5, ge=0.0, le=1.0, description="below this dense accuracy the report marks the task uninformative on this model"
     )
@@ -120,7 +125,7 @@ class Workload(BaseModel):
     @property
     def key(self) -> str:
         """What the samples depend on (the runner keeps them by it): every setting but the batch size."""
-        return json.dumps(self.model_dump(exclude={"batch_size"}), sort_keys=True)
+        return json.dumps(self.model_dump(exclude={"batch_size", "batch_lengths"}), sort_keys=True)
 
 
 def common_fields() -> set[str]:
