@@ -18,8 +18,10 @@ Timing is paired as in a trial: for each length and batch size, dense runs befor
 configuration and after every one (d, c1, d, c2, d, ...), each configuration is compared with the
 mean of the dense runs on either side of it, on the same prompts, in this process, and the whole
 sequence is repeated `--repeats` times (the median and the range of the ratios are reported).
-Every run is warmed up first (allocation, kernel selection, and with `--compile` the graphs), so
-no compilation is timed. A run decodes the batch: `generate` at batch 1, `generate_batch` above
+Every configuration is warmed up first on the prompts' last 256 tokens (allocation, kernel
+selection, and with `--compile` the graphs), so no compilation is timed. `--max-batch-tokens`
+skips the lengths and batch sizes whose prompts total more tokens, saying so: on a CPU the
+prefill, not the decode being measured, is most of a run. A run decodes the batch: `generate` at batch 1, `generate_batch` above
 (each sequence prefilled alone, then all decoded together); a technique that cannot batch is
 listed at batch sizes above 1 with its reason. Figures per row: decode tokens/s of the whole batch
 (tokens over the measured decode time), ms per token of one sequence (the median step), the
@@ -46,7 +48,7 @@ from paretoray.actors.techniques import build_technique, parse_technique
 
 def task_prompts(model_ref: str, lengths: list[int], count: int, seed: int = 0) -> dict[int, list[list[int]]]:
     """`count` prompts of each length: RULER's single needle in prose, the model's tokenizer."""
-    from paretoray.actors.models import context_window, load_tokenizer
+    from paretoray.actors.models import load_tokenizer
     from paretoray.actors.tasks.cache import cached_samples
     from paretoray.actors.workload import Workload
 
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="times the paired sequence runs (ratios: median and range)")
     parser.add_argument("--draft", default=None, help="draft model for techniques that need one (specdec, specdec_pp)")
     parser.add_argument("--compile", action="store_true", help="decode through the compiled static step (default on CUDA)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="skip a length and batch size whose prompts total more tokens (prefill dominates on a CPU)")
     parser.set_defaults(new_tokens=24)
     args = parser.parse_args()
     model = model_from(args)
@@ -115,6 +119,11 @@ def main() -> None:
     started = time.perf_counter()
     for length in args.lengths:
         for batch in args.batch_sizes:
+            if args.max_batch_tokens and length * batch > args.max_batch_tokens:
+                why = f"{batch} x {length} prompt tokens exceed --max-batch-tokens {args.max_batch_tokens}"
+                rows.append({"config": "*", "context": length, "batch": batch, "skipped": why})
+                print(f"ctx {length:>6} B {batch:>2}  skipped: {why}", file=sys.stderr, flush=True)
+                continue
             prompts = [torch.tensor([ids], device=device) for ids in prompts_by_length[length][:batch]]
             runnable = []
             for technique in configs:
@@ -128,8 +137,9 @@ def main() -> None:
                     print(f"ctx {length:>6} B {batch:>2}  {technique.label:<60} skipped: {why}", file=sys.stderr, flush=True)
                 else:
                     runnable.append(technique)
+            warm = [ids[:, -256:] for ids in prompts]  # short prompts: the same shapes of decode, a cheap prefill
             for technique in [dense, *runnable]:  # warm-up: allocation, kernel choice, compiled graphs
-                run(technique, model, prompts, 4, compiled, draft)
+                run(technique, model, warm, 4, compiled, draft)
             measured: dict[str, list[dict]] = {t.label: [] for t in [dense, *runnable]}
             for _ in range(args.repeats):
                 dense_runs = [run(dense, model, prompts, args.new_tokens, compiled, draft)]
