@@ -41,7 +41,9 @@ from paretoray.actors.techniques.speculative import (
     Sampler,
     Speculative,
     SpeculativeStats,
+    generated,
     roll_back,
+    round_steps,
     speculate_batch,
     verify_proposal,
 )
@@ -215,14 +217,11 @@ def lookup_generate(
             else:
                 rounds.append((took[0], len(new)))
 
-    tokens = sequence[prompt_len:length].tolist()[:max_new_tokens]
-    if any(t in eos_token_ids for t in tokens):
-        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
-    step_s = [seconds / n for seconds, n in rounds for _ in range(n)]  # a round's time, shared by its tokens
+    tokens = generated(sequence[prompt_len:length].tolist(), max_new_tokens, eos_token_ids)
     return Generation(
         tokens=tokens,
         prefill_s=prefill_s[0],
-        step_s=step_s[: max(len(tokens) - 1, 0)],
+        step_s=round_steps(rounds, len(tokens)),
         kv_bytes=cache_nbytes(cache),
         stats=asdict(stats),
         compiled=unmeasured is not None,

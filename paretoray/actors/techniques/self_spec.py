@@ -48,7 +48,9 @@ from paretoray.actors.techniques.speculative import (
     Sampler,
     SpeculativeStats,
     distribution,
+    generated,
     roll_back,
+    round_steps,
     speculate_batch,
     target_forward,
     verify,
@@ -222,14 +224,11 @@ def self_speculative_generate(technique: SelfSpec, model: PreTrainedModel, membe
             else:
                 rounds.append((took[0], len(new)))
 
-    tokens = sequence[prompt_len:][:max_new_tokens]
-    if any(t in eos_token_ids for t in tokens):
-        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
-    step_s = [seconds / n for seconds, n in rounds for _ in range(n)]
+    tokens = generated(sequence[prompt_len:], max_new_tokens, eos_token_ids)
     return Generation(
         tokens=tokens,
         prefill_s=prefill_s[0],
-        step_s=step_s[: max(len(tokens) - 1, 0)],
+        step_s=round_steps(rounds, len(tokens)),
         kv_bytes=cache_nbytes(target) + cache_nbytes(draft),
         stats=asdict(stats),
         compiled=compiled,

@@ -313,6 +313,20 @@ def static_models(target: PreTrainedModel, draft: PreTrainedModel, target_cache,
         yield target_static, draft_static, static_decode.warmup_watch(target_static.position.device)
 
 
+def generated(tokens: list[int], budget: int, eos_token_ids: set[int]) -> list[int]:
+    """What a draft-and-verify loop returns from the tokens it committed after the prompt: at most
+    `budget` (the last round may commit more), ending at the first end-of-sequence token."""
+    tokens = tokens[:budget]
+    ends = [i for i, t in enumerate(tokens) if t in eos_token_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+def round_steps(rounds: list[tuple[float, int]], tokens: int) -> list[float]:
+    """Per-token step times from (seconds, tokens committed) per measured round: a round's time
+    shared by its tokens, as many as the generation's tokens after the first."""
+    return [seconds / n for seconds, n in rounds for _ in range(n)][: max(tokens - 1, 0)]
+
+
 def speculative_generate(
     technique: Speculative,
     target: PreTrainedModel,
@@ -359,14 +373,11 @@ def speculative_generate(
             else:
                 rounds.append((took[0], len(new)))
 
-    tokens = sequence[prompt_len:][:max_new_tokens]
-    if any(t in eos_token_ids for t in tokens):
-        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
-    step_s = [seconds / n for seconds, n in rounds for _ in range(n)]  # a round's time, shared by its tokens
+    tokens = generated(sequence[prompt_len:], max_new_tokens, eos_token_ids)
     return Generation(
         tokens=tokens,
         prefill_s=prefill_s[0],
-        step_s=step_s[: max(len(tokens) - 1, 0)],
+        step_s=round_steps(rounds, len(tokens)),
         kv_bytes=cache_nbytes(target_cache) + cache_nbytes(draft_cache),
         stats=asdict(stats),
         compiled=unmeasured is not None,
@@ -490,10 +501,5 @@ def speculate_batch(
                 step_s.append(took[0] / widest)
                 active_steps.append(sum(len(tokens) > j for tokens in new))
         rounds += 1
-    out = []
-    for s, p, budget in zip(sequences, prompt_lens, budgets):
-        tokens = s[p:][:budget]
-        if any(t in eos_token_ids for t in tokens):
-            tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos_token_ids) + 1]
-        out.append(tokens)
+    out = [generated(s[p:], budget, eos_token_ids) for s, p, budget in zip(sequences, prompt_lens, budgets)]
     return out, step_s, active_steps, warmup_s, stats
