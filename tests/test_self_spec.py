@@ -97,7 +97,7 @@ def test_sampling_follows_the_targets_distribution(tiny_model):
     ids = prompt(model, 40, seed=7)
     technique = build_technique("self_spec+streaming_llm", {"self_spec.temperature": 0.7, "self_spec.gamma": 3,
                                                             "streaming_llm.window": 4, "streaming_llm.n_sink": 1})
-    samples = 600
+    samples = 300
     observed = torch.zeros(model.config.vocab_size)
     expected = torch.zeros(model.config.vocab_size)
     variance = torch.zeros(model.config.vocab_size)
