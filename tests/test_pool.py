@@ -108,3 +108,19 @@ def test_ray_client_connection_refused_once_is_retried(monkeypatch, capsys):
     with pytest.raises(ConnectionAbortedError):
         controller.connect_ray("127.0.0.1:6379", spec=None)  # not a client address: no retry
     assert len(calls) == 1
+
+
+def test_a_compositions_parameters_are_logged_under_keys_mlflow_accepts(tmp_path):
+    stores = resolve_stores(home=str(tmp_path))
+    recorder = Recorder(stores, "composed")
+    spec_json = {"model": {"id": "m", "dtype": "auto"}, "workload": {"task": "passkey", "context_lengths": [128],
+                 "samples_per_length": 1}, "sampler": {"name": "random"}, "trials": 1, "actors": {"count": 1},
+                 "techniques": {"self_spec+snapkv": {}}, "objectives": {"accuracy": "maximize"}, "constraints": []}
+    parent = recorder.start_sweep(spec_json, None)
+    record = {"technique": "self_spec+snapkv", "status": "ok", "metrics": {"accuracy": 1.0},
+              "params": {"self_spec.gamma": 4, "snapkv.max_capacity_prompt": 256.0, "workload.batch_size": 3}}
+    run_id = recorder.log_trial(parent, 0, record, spec_json)
+    params = MlflowClient(stores.tracking_uri).get_run(run_id).data.params
+    assert params["technique"] == "self_spec+snapkv"
+    assert params["self_spec/snapkv.self_spec.gamma"] == "4"
+    assert params["self_spec/snapkv.workload.batch_size"] == "3"

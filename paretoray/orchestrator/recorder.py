@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -40,8 +41,12 @@ def _redacted(values: dict[str, Any]) -> dict[str, str]:
 
 
 def _flat_params(record: dict[str, Any]) -> dict[str, str]:
+    """MLflow params: the technique and its parameters, `technique.param`. MLflow keys take letters,
+    digits and `_ - . space : /` only: a composition's `outer+inner` is written `outer/inner`
+    (`self_spec/snapkv.snapkv.max_capacity_prompt`); the technique's own value keeps its name."""
     params = {"technique": str(record.get("technique"))}
-    params.update({f"{record.get('technique')}.{k}": str(v) for k, v in record.get("params", {}).items()})
+    prefix = re.sub(r"[^\w\-. :/]", "/", str(record.get("technique")))
+    params.update({f"{prefix}.{k}": str(v) for k, v in record.get("params", {}).items()})
     return params
 
 
