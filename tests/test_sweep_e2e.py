@@ -334,3 +334,36 @@ def test_an_error_escaping_the_runner_counts_as_a_dead_actor(ray_session, tiny_m
     assert (result.trials_finished, result.trials_failed, result.trials_retried, result.actors_replaced) == (3, 1, 1, 2)
     failed = [t for t in optuna.load_study(study_name="escapes", storage=stores.storage).trials if t.state == TrialState.FAIL]
     assert "raised outside the trial runner" in failed[0].user_attrs["error"]
+
+
+def test_compositions_and_batch_sizes_sweep_end_to_end(ray_session, tiny_model_dir, tmp_path, capsys):
+    """A composition is a technique like any other through Ray, Optuna and MLflow: its members'
+    parameters swept and logged, the batch size a dimension (a technique that cannot batch at 1)."""
+    data = {
+        "name": "composed",
+        "model": {"id": str(tiny_model_dir), "dtype": "float32", "compile": False},
+        "workload": {"task": "passkey", "context_lengths": [192], "samples_per_length": 2, "max_new_tokens": 4,
+                     "batch_size": [1, 2], "fidelity": False},
+        "techniques": {"dense": {}, "self_spec+streaming_llm": {"streaming_llm": {"window": 16}},
+                       "kv_quant+snapkv": {"kv_quant": {"bits": 4}, "snapkv": {"max_capacity_prompt": 64, "window_size": 8}}},
+        "objectives": {"throughput_tokens_s": "maximize", "accuracy": "maximize"},
+        "sampler": {"name": "grid", "seed": 0},
+        "trials": 5,
+        "actors": {"count": 2, "num_cpus": 1, "num_gpus": 0},
+    }
+    spec_file = tmp_path / "composed.yaml"
+    spec_file.write_text(json.dumps(data))
+    stores = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    assert cli.main(["sweep", "run", str(spec_file), "--no-progress", *stores]) == 0
+    study = optuna.load_study(study_name="composed", storage=f"sqlite:///{tmp_path}/optuna.db")
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 5, [(t.state, t.user_attrs.get("error")) for t in study.trials]
+    batches = sorted((t.user_attrs["technique"], t.user_attrs["params"]["workload.batch_size"]) for t in done)
+    assert batches == [("dense", 1), ("dense", 2), ("kv_quant+snapkv", 1), ("self_spec+streaming_llm", 1),
+                       ("self_spec+streaming_llm", 2)]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = children(client, "composed", study.user_attrs[PARENT_ATTR])
+    logged = {r.data.params["technique"]: r for r in runs}
+    assert logged["kv_quant+snapkv"].data.params["kv_quant/snapkv.kv_quant.bits"] == "4"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.metrics["output_match"] for r in runs if r.data.params["technique"] == "self_spec+streaming_llm"} == {1.0}
