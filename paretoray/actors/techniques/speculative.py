@@ -489,8 +489,7 @@ def speculate_batch(
                 tokens = new[b] = tokens[: budgets[b] - (len(sequences[b]) - prompt_lens[b])]  # past its budget: not counted
                 lengths.append(len(sequences[b]) + len(tokens) - 1)
                 sequences[b].extend(tokens)
-                generated = sequences[b][prompt_lens[b]:]
-                done[b] = len(generated) >= budgets[b] or any(t in eos_token_ids for t in tokens)
+                done[b] = len(sequences[b]) - prompt_lens[b] >= budgets[b] or any(t in eos_token_ids for t in tokens)
             target.set_lengths(lengths)
             proposer.committed(lengths)
         if unmeasured is not None and unmeasured(rounds):
