@@ -76,8 +76,9 @@ def run(technique, model, prompts: list[torch.Tensor], new_tokens: int, compiled
                 "ms_per_token": 1000 * statistics.median(g.step_s) if g.step_s else None,
                 "ttft_ms": 1000 * g.prefill_s, "kv_bytes": g.kv_bytes, "stats": [g.stats], "compiled": g.compiled}
     g = technique.generate_batch(model, prompts, new_tokens, compiled=compiled, **extra)
+    rows = g.row_step_s or [g.step_s] * len(prompts)  # one sequence's steps (speculation: its share of each round)
     return {"tokens": g.tokens, "tokens_per_s": g.tokens_per_s,
-            "ms_per_token": 1000 * statistics.median(g.step_s) if g.step_s else None,
+            "ms_per_token": 1000 * statistics.median(statistics.median(r) for r in rows if r) if any(rows) else None,
             "ttft_ms": 1000 * sum(g.prefill_s), "kv_bytes": g.kv_bytes, "stats": g.stats, "compiled": g.compiled}
 
 

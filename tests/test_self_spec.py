@@ -140,6 +140,10 @@ def test_a_batch_gives_every_row_its_own_greedy_tokens(tiny_model, name, params)
     batch = build_technique(name, params).generate_batch(model, rows, budgets)
     assert batch.tokens == dense
     assert sum(batch.active) == sum(len(t) - 1 for t in batch.tokens)  # throughput counts each row's tokens once
+    # A row's latency: each round's time shared by the tokens it gave that row (as alone), never
+    # the batch's pseudo-steps (a round's time over its widest row).
+    assert [len(steps) for steps in batch.row_step_s] == [len(t) - 1 for t in batch.tokens]
+    assert all(sum(steps) <= sum(batch.step_s) + 1e-9 for steps in batch.row_step_s)
     assert all(s["target_calls"] >= 1 and s["accepted"] <= s["drafted"] for s in batch.stats)
     assert batch.kv_bytes >= sum(batch.kv_bytes_alone) * 0.5
 

@@ -163,6 +163,9 @@ class BatchGeneration:
     stats: list[dict[str, float]] = field(default_factory=list)  # per sequence: technique counters
     compiled: bool = False  # the steps ran the compiled static-shape step (else the same step, eagerly)
     warmup_s: float = 0.0  # steps left out of `step_s`: compiling a new graph, recording CUDA graphs
+    # Per sequence, where its steps differ from the batch's (speculation: a round's time shared by
+    # the tokens it gave that sequence): what its latency is read from. None: the batch's steps.
+    row_step_s: list[list[float]] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -365,7 +365,8 @@ def _batches(samples: list[Sample], size: int, mixed: bool = False) -> list[list
 
 def _sequence(run: BatchGeneration, i: int) -> Generation:
     """Sequence i of a batch as a run of its own: its tokens, prefill and bytes, the batch's steps."""
-    return Generation(tokens=run.tokens[i], prefill_s=run.prefill_s[i], step_s=run.step_s, kv_bytes=run.kv_bytes_alone[i],
+    steps = run.row_step_s[i] if run.row_step_s is not None else run.step_s
+    return Generation(tokens=run.tokens[i], prefill_s=run.prefill_s[i], step_s=steps, kv_bytes=run.kv_bytes_alone[i],
                       stats=run.stats[i] if run.stats else {}, compiled=run.compiled, warmup_s=run.warmup_s)
 
 

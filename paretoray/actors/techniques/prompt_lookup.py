@@ -140,11 +140,12 @@ class PromptLookup(Technique):
             del fulls
             proposer = LookupRows(self, eos, vocab_size, samplers, device)
             with static_decode.static_attention_installed(model):
-                tokens, step_s, active, warmup_s, stats = speculate_batch(
+                tokens, step_s, active, warmup_s, stats, row_steps = speculate_batch(
                     model, target, compiled, proposer, sequences, prompt_lens, budgets, eos, samplers,
                     unmeasured=static_decode.warmup_watch(device) if compiled else None)
         return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active, kv_bytes=cache_nbytes(target),
-                               kv_bytes_alone=alone, stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s)
+                               kv_bytes_alone=alone, stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s,
+                               row_step_s=row_steps)
 
     @torch.inference_mode()
     def generate(

@@ -328,11 +328,11 @@ def self_speculative_batch(technique: SelfSpec, model: PreTrainedModel, member: 
     stats = [SpeculativeStats() for _ in prompts]
     proposer = DraftRows(model, draft, technique, samplers, list(prompt_lens), compiled, stats)
     with static_decode.static_attention_installed(model):
-        tokens, step_s, active, warmup_s, verified = speculate_batch(
+        tokens, step_s, active, warmup_s, verified, row_steps = speculate_batch(
             model, target, compiled, proposer, sequences, prompt_lens, budgets, eos_token_ids, samplers,
             unmeasured=static_decode.warmup_watch(device) if compiled else None)
     for row, counters in zip(stats, verified):
         row.drafted, row.accepted, row.target_calls = counters.drafted, counters.accepted, counters.target_calls
     return BatchGeneration(tokens=tokens, prefill_s=prefill_s, step_s=step_s, active=active,
                            kv_bytes=cache_nbytes(target) + cache_nbytes(draft), kv_bytes_alone=alone,
-                           stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s)
+                           stats=[asdict(s) for s in stats], compiled=compiled, warmup_s=warmup_s, row_step_s=row_steps)

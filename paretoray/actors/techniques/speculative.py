@@ -460,14 +460,16 @@ def speculate_batch(
     verifies [last committed, proposals] of every row in one forward, and each row keeps its own
     accepted prefix plus the target's next token (a row's tokens are what it decodes alone). The
     target's rows are rolled back to their own lengths. Returns (tokens per row, measured
-    pseudo-steps, rows active in each, warm-up seconds, counters per row): a round committing n_b
-    tokens to row b counts as max n_b steps of its time / max n_b, step j active for the rows with
-    n_b > j (so tokens / time is the round's throughput)."""
+    pseudo-steps, rows active in each, warm-up seconds, counters per row, steps per row): a round
+    committing n_b tokens to row b counts as max n_b steps of its time / max n_b, step j active for
+    the rows with n_b > j (so tokens / time is the round's throughput); a row's own steps share
+    each round's time among the tokens it gave that row, as one sequence's loop does (its latency)."""
     device = target.position.device
     stats = [SpeculativeStats() for _ in sequences]
     done = [len(s) - p >= budget or s[-1] in eos_token_ids for s, p, budget in zip(sequences, prompt_lens, budgets)]
     step_s: list[float] = []
     active_steps: list[int] = []
+    row_rounds: list[list[tuple[float, int]]] = [[] for _ in sequences]
     warmup_s, rounds = 0.0, 0
     while not all(done):
         took: list[float] = []
@@ -499,6 +501,9 @@ def speculate_batch(
             for j in range(widest):
                 step_s.append(took[0] / widest)
                 active_steps.append(sum(len(tokens) > j for tokens in new))
+            for b, tokens in enumerate(new):
+                if tokens:
+                    row_rounds[b].append((took[0], len(tokens)))
         rounds += 1
     out = [generated(s[p:], budget, eos_token_ids) for s, p, budget in zip(sequences, prompt_lens, budgets)]
-    return out, step_s, active_steps, warmup_s, stats
+    return out, step_s, active_steps, warmup_s, stats, [round_steps(r, len(t)) for r, t in zip(row_rounds, out)]
