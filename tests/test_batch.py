@@ -130,9 +130,9 @@ def test_a_technique_that_cannot_batch_refuses_with_its_reason(tiny_model):
     model, _ = tiny_model
     technique = build_technique("specdec", {})
     assert not technique.capabilities()["batched"]
-    with pytest.raises(ValueError, match="specdec cannot decode a batch: draft-and-verify"):
+    with pytest.raises(ValueError, match="specdec cannot decode a batch: its draft model decodes one sequence at a time"):
         technique.generate_batch(model, prompts(model), 4)
-    for name in ("dense", "streaming_llm", "snapkv", "pyramidkv", "h2o", "moa", "uniform_window"):
+    for name in ("dense", "streaming_llm", "snapkv", "pyramidkv", "h2o", "moa", "uniform_window", "self_spec", "prompt_lookup"):
         assert build_technique(name, {}).capabilities()["batched"], name
 
 
