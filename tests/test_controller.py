@@ -81,3 +81,15 @@ def test_a_failed_forced_repeat_does_not_forget_the_trial_that_measured_it(tmp_p
     key = json.dumps(trial.params, sort_keys=True)
     book._seen[key] -= 1  # what `finish` does when that repeat fails
     assert book._seen[key] == 1  # still measured by its first trial: not proposed as new
+
+
+def test_a_repeat_left_running_by_a_dead_controller_is_pruned_not_re_asked(tmp_path):
+    """A controller killed between marking a repeat and pruning it leaves it RUNNING: the next one
+    finishes setting it aside (PRUNED) and queues nothing, since that configuration was measured."""
+    book = in_memory_book(tmp_path)
+    book.study.tell(book.ask().trial, [1.0, 0.5])
+    trial = book.study.ask({"technique": optuna.distributions.CategoricalDistribution(["dense", "streaming_llm"])})
+    trial.set_user_attr("repeat_of_measured_config", True)  # as `_ask` does, then the controller dies
+    book.reconcile()
+    states = [t.state for t in book.study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED]  # nothing re-queued (no WAITING trial)

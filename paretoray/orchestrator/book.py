@@ -435,9 +435,13 @@ class SweepBook:
         return True
 
     def reconcile(self) -> None:
-        """Trials left RUNNING by a controller that died: keep what MLflow finished, re-ask the rest."""
+        """Trials left RUNNING by a controller that died: keep what MLflow finished, finish setting
+        aside a repeat it was pruning, re-ask the rest."""
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = Trial(self.study, frozen._trial_id)
+            if frozen.user_attrs.get("repeat_of_measured_config"):  # died while setting a repeat aside (`_ask`)
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
             run = self.recorder.find_trial_run(self.parent, frozen.number)
             if run is not None and run.info.status in ("FINISHED", "FAILED"):
                 self._finish(trial, self.recorder.load_record(run.info.run_id), logged_before=True)
