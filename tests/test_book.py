@@ -264,3 +264,26 @@ def test_delete_removes_both_stores_and_frees_the_name(tmp_path, stores, capsys)
     assert again.done == 0
     assert cli.main(["sweep", "delete", "nothing", "--yes", *flags]) == 2
     assert "no sweep named 'nothing'" in capsys.readouterr().err
+
+
+def test_a_controller_killed_while_the_stores_are_created_leaves_them_usable(tmp_path):
+    """The first run builds both SQLite schemas (MLflow's are dozens of migrations SQLite cannot roll
+    back). A controller killed at any moment of that leaves either no schema or a whole one, never a
+    file that no later run can open."""
+    home = tmp_path / "runs"
+    code = ("import sys; from paretoray.orchestrator.stores import resolve_stores, initialize_sqlite; "
+            f"initialize_sqlite(resolve_stores(home={str(home)!r}))")
+    for delay in (0.0, 0.2, 0.5):  # after the build has begun: its staging file exists
+        child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        deadline = time.monotonic() + 60
+        while child.poll() is None and not list(home.glob(".*.init")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert child.poll() is None, "the build finished before it could be killed"
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+    assert list(home.glob(".*.init"))  # what the killed builds left
+    stores = resolve_stores(home=str(home))
+    check_stores(stores, timeout_s=120)  # raises StoreOutage on a half-built store
+    assert MlflowClient(stores.tracking_uri).search_experiments(max_results=1) is not None
+    assert not list(home.glob(".*.init*"))  # the killed builds' files are gone

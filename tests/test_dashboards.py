@@ -167,7 +167,9 @@ def table_rows(html: str) -> list[dict[str, Any]]:
     for match in re.finditer(r'<tr data-trial="(\d+)" data-sweep="([^"]*)">(.*?)</tr>', html, re.S):
         values = {m.group(1): json.loads(m.group(2)) for m in re.finditer(r'data-metric="([^"]+)" data-value="([^"]*)"', match.group(3))}
         run = re.search(r'data-run-id="([^"]+)"', match.group(3))
-        rows.append({"trial": int(match.group(1)), "sweep": match.group(2), "metrics": values, "run": run.group(1) if run else None})
+        placement = re.search(r'data-placement="([^"]+)"', match.group(3))
+        rows.append({"trial": int(match.group(1)), "sweep": match.group(2), "metrics": values, "run": run.group(1) if run else None,
+                     "question": placement.group(1) if placement else None})
     return rows
 
 
@@ -549,3 +551,17 @@ def test_without_a_dense_trial_the_reference_is_dense_as_each_trial_paired_it():
     assert "baseline" in source
     assert values["latency_ms_per_token"] == 11.0 and values["ttft_ms"] == 101.0 and values["accuracy"] == 1.0
     assert values["speedup"] == 1.0 and values["tokens_per_s"] == 1000.0 / 11.0
+
+
+def test_front_table_says_where_each_trial_asked_the_question(sweeps, stores):
+    """Query-agnostic evaluation: each row of the front names its trial's placement (in the
+    compressed prompt, or after compression), from its sweep's workload, so an overlay of a
+    query-aware and a context-only sweep (forced) says which point is which."""
+    study, parent, _ = sweeps["hard"]
+    client = MlflowClient(stores.tracking_uri)
+    spec = study.user_attrs[SPEC_ATTR]
+    aware = collect_sweep(study, client, parent, finished=True)
+    agnostic = dataclasses.replace(collect_sweep(study, client, parent, finished=True, spec=spec | {
+        "workload": spec["workload"] | {"query_placement": "context_only"}}), name="hard-context-only")
+    rows = table_rows(render_report(combine([aware, agnostic], force=True)))
+    assert {(r["sweep"], r["question"]) for r in rows} == {("hard", "query_aware"), ("hard-context-only", "context_only")}

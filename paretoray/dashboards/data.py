@@ -481,7 +481,9 @@ def combine(sweeps: list[SweepData], force: bool = False) -> ReportData:
     failed = 0
     for sweep in sweeps:
         failed += sum(r["state"] != "complete" for r in sweep.rows)
-        mine = [dict(r, sweep=sweep.name, experiment_id=sweep.experiment_id) for r in sweep.rows if _plottable(r, objectives)]
+        placement = (sweep.spec.get("workload") or {}).get("query_placement") or "query_aware"
+        mine = [dict(r, sweep=sweep.name, experiment_id=sweep.experiment_id, placement=placement)
+                for r in sweep.rows if _plottable(r, objectives)]
         own_front = (
             {i for i, r in enumerate(mine) if r["pareto"]}
             if objectives == sweep.objectives

@@ -67,6 +67,12 @@ def _setting(value: Any) -> str:
     return F.fmt_param(value)
 
 
+PLACEMENTS = {
+    "query_aware": "the question was part of the prompt the technique compressed (it could select for it)",
+    "context_only": "the context was compressed first, the question asked after (the technique never saw it)",
+}
+
+
 def workload_settings(workload: dict[str, Any]) -> str:
     """The task's own settings, whatever they are (each task has its fields): `name value; ...`,
     unset and empty ones left out."""
@@ -142,7 +148,7 @@ def _table(report: ReportData, style: F.Style) -> str:
     """The front, sortable by any column (the page's script sorts on `data-value`)."""
     extra = [m for m in ("speedup", "kv_cache_mb", "accuracy", "ttft_ms") if m not in report.objectives
              and any(m in p["metrics"] for p in report.front)][:3]
-    head = (["sweep"] if report.overlay else []) + ["trial", "technique", "setting"] + report.objectives + extra + ["MLflow run"]
+    head = (["sweep"] if report.overlay else []) + ["trial", "technique", "setting", "question"] + report.objectives + extra + ["MLflow run"]
     numeric = {"trial", *report.objectives, *extra}
     header = "".join(
         f'<th data-type="{"number" if h in numeric else "text"}" title="click to sort">{esc(h)}'
@@ -160,6 +166,8 @@ def _table(report: ReportData, style: F.Style) -> str:
                      f'</span>{esc(p["technique"])}{_dense_badge(p, report.objectives)}</td>')
         setting = ", ".join(f"{k}={F.fmt_param(v)}" for k, v in p["params"].items()) or "(no parameters)"
         cells.append(f'<td data-value="{esc(setting)}">{esc(setting)}</td>')
+        placement = p.get("placement", "query_aware")
+        cells.append(f'<td data-value="{esc(placement)}" data-placement="{esc(placement)}" title="{esc(PLACEMENTS.get(placement, placement))}">{esc(placement)}</td>')
         for metric in report.objectives + extra:
             value = p["metrics"].get(metric)
             bounds = interval(p["metrics"], metric) if value is not None else None

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from paretoray.names import OBJECTIVES_ATTR, PARENT_ATTR, SPEC_ATTR, SPEC_TEXT_ATTR
 from paretoray.orchestrator.recorder import Recorder, ReportRenderer
 from paretoray.orchestrator.spec import Constraint, Dimension, SpecError, SweepSpec, constraints, parse, search_space
-from paretoray.orchestrator.stores import Stores, redact
+from paretoray.orchestrator.stores import Stores, initialize_sqlite, redact
 
 T = TypeVar("T")
 
@@ -133,6 +133,10 @@ def check_stores(stores: Stores, timeout_s: float = 12.0) -> None:
     from mlflow.tracking import MlflowClient
 
     bounded_http()
+    try:
+        initialize_sqlite(stores)
+    except Exception as error:
+        raise StoreOutage(f"a SQLite store could not be created: {type(error).__name__}: {redact(error)[:300]}; nothing was started") from None
     probes = {
         f"Optuna study storage {redact(stores.storage)}":
             lambda: optuna.get_all_study_summaries(stores.optuna_storage(), include_best_trial=False),

@@ -120,6 +120,58 @@ def write_ahead_log(path: Path) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
+def _has_tables(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] > 0
+
+
+def initialize_sqlite(stores: Stores) -> None:
+    """Create each SQLite store's schema atomically: built in a file beside it, then renamed over it.
+
+    MLflow and Optuna create their tables on first use with migrations (MLflow's are dozens of
+    alembic steps that SQLite cannot roll back); a controller killed during them leaves a file no
+    later run can open (`table _alembic_tmp_... already exists`). A file that has no table yet
+    holds no data, so replacing it loses nothing. A store that has tables is left as it is.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    builders = {
+        _sqlite_path(stores.tracking_uri): lambda uri: SqlAlchemyStore(uri, stores.artifact_root or "./mlruns").engine.dispose(),
+        None if stores.journal else _sqlite_path(stores.storage): lambda uri: RDBStorage(uri).engine.dispose(),
+    }
+    for path, build in builders.items():
+        if path is None or _has_tables(path):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_stagings(path)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.init")
+        try:
+            build(f"sqlite:///{staging}")
+            write_ahead_log(staging)
+            if _has_tables(path):  # another controller finished first: keep its file
+                continue
+            for sidecar in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                sidecar.unlink(missing_ok=True)  # an empty database's log: nothing in it
+            os.replace(staging, path)
+        finally:
+            for leftover in (staging, staging.with_name(staging.name + "-wal"), staging.with_name(staging.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+
+
+def _remove_dead_stagings(path: Path) -> None:
+    """Schemas a killed controller was building beside `path` (`.NAME.PID.init*`, its pid gone)."""
+    for staging in path.parent.glob(f".{path.name}.*.init*"):
+        pid = staging.name.removeprefix(f".{path.name}.").split(".", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            staging.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 def _sqlite_path(uri: str) -> Path | None:
     # The query (`?timeout=`, or a `?password=` SQLite ignores) is no part of the file's name.
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
