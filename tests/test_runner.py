@@ -135,3 +135,12 @@ def test_a_technique_without_model_work_skips_samples_and_reference(runner):
     assert record["samples"] == [] and 0.05 <= record["wall_s"] < 2.0
     assert Workload.model_validate(workload).key not in runner._samples
     json.dumps(record)
+
+
+def test_kvzip_reports_what_its_reconstruction_costs_inside_the_prefill(runner):
+    workload = WORKLOAD | {"query_placement": "context_only", "fidelity": False, "context_lengths": [256], "samples_per_length": 2}
+    record = runner.run_trial({"trial": 6, "technique": "kvzip", "params": {"max_capacity_prompt": 64}, "workload": workload})
+    assert record["status"] == "ok", record["traceback"]
+    metrics = record["metrics"]
+    assert 0 < metrics["reconstruction_s"] * 1000 < metrics["ttft_ms"]
+    assert all(r["reconstruction_tokens"] > 0 for r in record["samples"])

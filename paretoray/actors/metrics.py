@@ -229,6 +229,9 @@ METRICS: dict[str, Metric] = {
                RatioOfSums(("target_calls",), "new_tokens", offset=1.0)),
         Metric("draft_calls_per_token", False, "calls", "speculative: draft forwards per generated token",
                RatioOfSums(("draft_calls",), "new_tokens", offset=1.0), needs=Needs(stats=("draft_calls",))),
+        Metric("reconstruction_s", False, "s", "query-agnostic scoring by reconstruction (kvzip): median time per sample "
+               "spent feeding the context again to score it, inside ttft_ms", Median("reconstruction_s"),
+               needs=Needs(stats=("reconstruction_s",))),
     ]
 }
 
