@@ -208,11 +208,15 @@ class Technique:
     # `member_shapes_output`: the member changes what this technique outputs (kv_quant stores the
     # member's entries) rather than only how fast it gets there (self_spec drafts over it).
     # `decode_evicts`: its cache drops entries while decoding (H2O, StreamingLLM's ring, MoA's spans).
+    # `scores_per_head`: it is a prompt compressor whose `layer_budget` and `prefill_scores` give each
+    # layer's budget and one score per position and KV head (kv_compression.PromptCompression), which
+    # an outer technique may select from itself (adakv's budgets across heads).
     provides: ClassVar[tuple[str, ...]] = ()
     accepts: ClassVar[str] = ""
     member_requires: ClassVar[dict[str, tuple[Any, str]]] = {}
     member_shapes_output: ClassVar[bool] = True
     decode_evicts: ClassVar[bool] = False
+    scores_per_head: ClassVar[bool] = False
     # Serves `query_placement: context_only` (the context prefilled, then the question); False: the
     # spec refuses that placement for it, with `context_only_note` as the reason.
     context_only: ClassVar[bool] = True
@@ -244,6 +248,7 @@ class Technique:
             "member_requires": {key: list(value) for key, value in cls.member_requires.items()},
             "member_shapes_output": cls.member_shapes_output,
             "decode_evicts": cls.decode_evicts,
+            "scores_per_head": cls.scores_per_head,
             "context_only": cls.context_only,
             "context_only_note": cls.context_only_note,
             "batched": cls.batched,

@@ -185,6 +185,7 @@ class PromptCompression(Technique):
     phase = "kv-cache"
     static_decode = True
     provides = ("kv_cache",)
+    scores_per_head = True  # layer_budget + prefill_scores: an outer technique may select itself (adakv)
     batched = True  # each sequence is scored and selected alone at its prefill (Technique.generate_batch)
     carries_scores = False  # keep the prefill scores on the layer for decoding (H2O accumulates them)
 
