@@ -18,7 +18,9 @@ recent_size entries. A retrieval head attends and caches like dense attention.
 
 Deviations: the reference prefills in chunks (32K tokens in its needle test), so its streaming
 heads see the whole chunk and only later chunks are banded; here they are banded from the first
-token, as in its training forward. Heads with equal gates are ranked in layer-major order (the
+token, as in its training forward; and its decoding step attends the streaming cache of
+sinks + recent plus the new token (one key more than its training band), ours keeps the band
+i - j < recent_size. Heads with equal gates are ranked in layer-major order (the
 reference adds random noise). The question cannot be fed after a compressed context
 (`context_only`): the per-head cache takes the prompt in one prefill.
 """
