@@ -103,7 +103,8 @@ def setting(tiny_model, tmp_path_factory):
 
 def cheap_builders(tiny_model, folder) -> dict:
     """Builders for the artifact kinds whose recipes take minutes on a real model, made cheap for the
-    tiny one: a MoA plan searched from a profile at 128 and 256 tokens (one sample each)."""
+    tiny one: a MoA plan searched from a profile at 128 and 256 tokens (one sample each), and
+    DuoAttention's gates trained for 4 steps on 192-token samples."""
     model, tokenizer = tiny_model
     profile = []
 
@@ -117,7 +118,16 @@ def cheap_builders(tiny_model, folder) -> dict:
             search_plan(profile[0], density, lengths, alpha_step=128).save(path)
         return path
 
-    return {"moa_plan": moa_plan}
+    def duo_gates(model):
+        from paretoray.recipes.duo import Recipe, train_gates
+
+        path = folder / "duo-gates.json"
+        if not path.exists():
+            recipe = Recipe(steps=4, min_length=192, max_length=192, sink_size=4, recent_size=16, passkeys=1, passkey_words=2)
+            train_gates(model, tokenizer, recipe).save(path)
+        return path
+
+    return {"moa_plan": moa_plan, "duo_gates": duo_gates}
 
 
 def run(technique, setting, max_new_tokens: int = NEW_TOKENS, **options):

@@ -1,4 +1,5 @@
-"""Things a model reference or a technique needs that must be built first: a registry draft, a MoA plan.
+"""Things a model reference or a technique needs that must be built first: a registry draft, a MoA plan,
+DuoAttention's gates.
 
 The actors never build them: they ask `provide(kind, **key)` for a path. Whoever owns the recipes
 (`paretoray.recipes`) installs builders in the process first; the controller hands its builders to
@@ -20,6 +21,7 @@ _BUILDERS: dict[str, Builder] = {}
 HOW_TO_BUILD = {
     "registry_draft": "paretoray train-draft (then paretoray train-acceptance-head)",
     "moa_plan": "paretoray moa profile, then paretoray moa plan",
+    "duo_gates": "python -m paretoray.recipes.duo --model MODEL",
 }
 
 

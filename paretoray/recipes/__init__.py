@@ -1,4 +1,5 @@
-"""Offline builds: a draft distilled from its target, SpecDec++'s acceptance head, MoA's profile and plan.
+"""Offline builds: a draft distilled from its target, SpecDec++'s acceptance head, MoA's profile and plan,
+DuoAttention's gates.
 
 Used by the CLI (`paretoray train-draft`, `train-acceptance-head`, `moa profile|plan`) and by
 first-use builds: `builders()` maps each artifact kind the actors may ask for

@@ -78,3 +78,13 @@ def _moa_plan(model, density: float, lengths: list[int]):
 
 
 BUILDERS["moa_plan"] = _moa_plan
+
+
+def _duo_gates(model):
+    """DuoAttention's gates for the model (trained first if this machine has none)."""
+    from paretoray.recipes.duo import build_gates
+
+    return build_gates(model)
+
+
+BUILDERS["duo_gates"] = _duo_gates

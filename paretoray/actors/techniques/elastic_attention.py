@@ -256,7 +256,7 @@ class ElasticSpans(Technique):
 
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None, compiled=False):
         if question_ids is not None:
-            raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
+            raise ValueError(f"{self.name}: {self.context_only_note}")
         prompt_len = input_ids.shape[-1]
         self.prepare_for_prompt(model, prompt_len)
         run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, compiled=compiled)
@@ -266,7 +266,7 @@ class ElasticSpans(Technique):
 
     def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False):
         if question_ids is not None:
-            raise ValueError(f"{self.name} sets each head's span from the whole prompt: use query_placement: query_aware")
+            raise ValueError(f"{self.name}: {self.context_only_note}")
         lengths = [ids.shape[-1] for ids in prompts]
         for length in sorted(set(lengths)):
             self.prepare_for_prompt(model, length)
