@@ -272,8 +272,54 @@ def test_a_share_of_one_is_dense_and_needs_no_gates(tiny_model):
     assert technique.generate(model, ids, 6).tokens == build_technique("dense", {}).generate(model, ids, 6).tokens
 
 
-def test_context_only_placement_is_refused_with_the_reason(tiny_model):
+def test_a_question_after_the_context_follows_the_rule_eager_compiled_and_batched(tiny_model, tmp_path, monkeypatch):
+    """Context-only: the context is prefilled, the question appended one token per forward (its
+    streaming heads' rings roll through it), then decoding; every token is the rule's argmax over
+    context + question + the tokens before it, eagerly, on static slots (rings converted whatever
+    their order) and in a batch with another sequence."""
     model, _ = tiny_model
-    with pytest.raises(ValueError, match="one prefill.*query_aware"):
-        build_technique("duo_attention", {"retrieval_share": 1.0}).generate(model, prompt(model, 20, 4), 2,
-                                                                            question_ids=prompt(model, 5, 5))
+    install_gates(model, GATES, tmp_path)
+    technique = build_technique("duo_attention", {"retrieval_share": 0.5, "sink_size": SINKS, "recent_size": RECENT})
+    heads = technique.retrieval_heads(model)
+    context, question, steps = prompt(model, 70, 6), prompt(model, 9, 7), 8
+    run = technique.generate(model, context, steps, question_ids=question)
+    sequence = torch.cat([context, question, torch.tensor([run.tokens[:-1]])], dim=1)
+    with reference(model, heads), torch.inference_mode():
+        for step in range(steps):
+            assert int(model(input_ids=sequence[:, : 79 + step]).logits[0, -1].argmax()) == run.tokens[step]
+    monkeypatch.setattr(static_decode, "_compiled", lambda device: static_decode._step)
+    assert technique.generate(model, context, steps, question_ids=question, compiled=True).tokens == run.tokens
+    other = prompt(model, 40, 8), prompt(model, 3, 9)
+    batch = technique.generate_batch(model, [context, other[0]], steps, question_ids=[question, other[1]], compiled=True)
+    assert batch.tokens[0] == run.tokens
+    assert batch.tokens[1] == technique.generate(model, other[0], steps, question_ids=other[1]).tokens
+
+
+@torch.inference_mode()
+def test_static_slots_after_a_question_hold_the_keys_of_the_positions_they_name(tiny_model, tmp_path):
+    """After the question rolled the streaming rings, each static slot's position names the key it
+    holds (the reference's key at that position), and the kept sets are the rule's."""
+    from paretoray.actors.generation import prefill
+
+    model, _ = tiny_model
+    install_gates(model, GATES, tmp_path)
+    technique = build_technique("duo_attention", {"retrieval_share": 0.5, "sink_size": SINKS, "recent_size": RECENT})
+    heads = technique.retrieval_heads(model)
+    context, question = prompt(model, 70, 6), prompt(model, 13, 7)
+    with reference(model, heads):
+        dense_cache = DynamicCache(config=model.config)
+        model(input_ids=torch.cat([context, question], dim=1), **with_cache(model, dense_cache), use_cache=True)
+    with technique.applied(model) as cache:
+        prefill(model, context, cache, question, question_by_token=True)
+        static = technique.static_cache(model, cache, 4)
+    seen = 83
+    for layer, reference_layer, dense in zip(static.layers, dense_cache.layers, heads):
+        h = 0
+        for group in layer.groups:
+            for g in range(group.heads):
+                positions = group.positions[0, g]
+                valid = positions >= 0
+                kept = sorted(positions[valid].tolist())
+                assert kept == (list(range(seen)) if dense[h] else list(range(SINKS)) + list(range(seen - RECENT, seen)))
+                torch.testing.assert_close(group.keys[0, g][valid], reference_layer.keys[0, h, positions[valid]], rtol=1e-5, atol=1e-5)
+                h += 1

@@ -90,14 +90,18 @@ def prefill(
     input_ids: torch.Tensor,  # [1, prompt_len]
     cache: Cache,
     question_ids: torch.Tensor | None = None,  # [1, question_len]
+    question_by_token: bool = False,
 ) -> tuple[int, float]:
     """The prompt (or the context, then the question) through the model: the first token and the
-    time to it. Compression hooks of a technique run here, eagerly."""
+    time to it. Compression hooks of a technique run here, eagerly. `question_by_token`: the
+    question is fed one token per forward, as decoded tokens are (`Technique.question_by_token`)."""
     prefill_s: list[float] = []
     with timed(input_ids.device, prefill_s):
         logits = model(input_ids=input_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
         if question_ids is not None:
-            logits = model(input_ids=question_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
+            chunks = question_ids.split(1, dim=-1) if question_by_token else (question_ids,)
+            for chunk in chunks:
+                logits = model(input_ids=chunk, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
         first = int(logits[0, -1].argmax())
     return first, prefill_s[0]
 

@@ -221,6 +221,9 @@ class Technique:
     # spec refuses that placement for it, with `context_only_note` as the reason.
     context_only: ClassVar[bool] = True
     context_only_note: ClassVar[str] = ""
+    # Its cache takes a question after the context only one token per forward (a per-head ring
+    # that appends as it decodes): the prefill feeds it so; the outputs are those of one chunk.
+    question_by_token: ClassVar[bool] = False
     # Decodes B sequences together (`generate_batch`, the workload's batch_size > 1), each exactly as
     # it would alone. False: the spec refuses batch_size > 1 for it, giving `batch_note` as the reason.
     batched: ClassVar[bool] = False
@@ -320,7 +323,7 @@ class Technique:
         steps = len(forced_tokens) if forced_tokens is not None else max_new_tokens
         static = None
         with self.applied(model) as cache:
-            first, prefill_s = prefill(model, input_ids, cache, question_ids)
+            first, prefill_s = prefill(model, input_ids, cache, question_ids, self.question_by_token)
             if compiled:
                 static = self.static_cache(model, cache, steps, release=True)
             if static is None:
@@ -376,7 +379,8 @@ class Technique:
         caches, firsts, prefill_s, alone = [], [], [], []
         for i, input_ids in enumerate(prompts):
             with self.applied(model) as cache:
-                first, seconds = prefill(model, input_ids, cache, None if question_ids is None else question_ids[i])
+                first, seconds = prefill(model, input_ids, cache, None if question_ids is None else question_ids[i],
+                                         self.question_by_token)
                 static = self.static_cache(model, cache, budgets[i], release=True)
             if static is None:
                 raise ValueError(f"{self.name}: sequence {i} ({input_ids.shape[-1]} tokens) cannot continue on static "

@@ -21,8 +21,9 @@ heads see the whole chunk and only later chunks are banded; here they are banded
 token, as in its training forward; and its decoding step attends the streaming cache of
 sinks + recent plus the new token (one key more than its training band), ours keeps the band
 i - j < recent_size. Heads with equal gates are ranked in layer-major order (the
-reference adds random noise). The question cannot be fed after a compressed context
-(`context_only`): the per-head cache takes the prompt in one prefill.
+reference adds random noise). A question after the context (`context_only`) is fed one token
+per forward (`question_by_token`): the outputs are those of one banded chunk, its prefill time
+is longer than one chunk's.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class DuoAttention(ElasticSpans):
     name = "duo_attention"
     examples = {"covers": {"retrieval_share": 1.0}, "compresses": {"retrieval_share": 0.5, "sink_size": 8, "recent_size": 32}}
     trial_timeout_s = 7200.0  # the first trial may train the model's gates (minutes on a CPU)
-    context_only_note = ("the per-head cache takes the whole prompt in one prefill (no chunk appended after it); "
-                         "use query_placement: query_aware")
+    context_only = True  # the heads' spans do not depend on the prompt: a question is appended as decoded tokens are
+    question_by_token = True
 
     def sinks(self) -> int:
         return self.sink_size

@@ -173,17 +173,28 @@ class ElasticSpanLayer(DynamicLayer):
     def to_static(self, steps: int):
         """Each KV head's sinks + span ring at its own capacity (no padding to the largest head);
         runs of heads with one capacity share a group, so a uniform window is one attention call.
-        Called right after the prefill, when every head's slots are in text order."""
+        Right after the prefill, or after tokens were appended (a context-only question): each slot
+        is given the text position it holds (`slot_positions`), whatever the ring's order."""
         from paretoray.actors.static_decode import StaticLayer, grouped
 
-        if self.spans is None or self.seen != self.lengths_seen_at_prefill:
-            return None  # decoding began: the ring order is no longer text order
+        if self.spans is None:
+            return None
         entries = []
-        for h, positions in enumerate(self.kept_positions()):
+        for h in range(len(self.spans)):
             keys, values = self.head_entries(h)
+            positions = self.slot_positions(h)
             capacity = min(self.capacity[h], len(positions) + steps)
             entries.append((keys[:, None], values[:, None], torch.tensor(positions, device=keys.device), capacity))
         return StaticLayer(grouped(entries, n_sink=self.sinks))
+
+    def slot_positions(self, h: int) -> list[int]:
+        """The text position in each of head h's valid slots, in slot order: text order while the
+        head fills; once full, its sinks, then the ring, whose slot `write[h]` holds the oldest."""
+        span = self.spans[h]
+        if self.seen <= self.capacity[h]:
+            return list(range(self.seen))
+        oldest = self.seen - span
+        return list(range(self.sinks)) + [oldest + (j - self.write[h]) % span for j in range(span)]
 
 
 def elastic_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -255,22 +266,22 @@ class ElasticSpans(Technique):
         return sum(kept) / (len(kept) * prompt_len)
 
     def generate(self, model, input_ids, max_new_tokens, eos_token_ids=None, forced_tokens=None, question_ids=None, compiled=False):
-        if question_ids is not None:
+        if question_ids is not None and not self.context_only:
             raise ValueError(f"{self.name}: {self.context_only_note}")
         prompt_len = input_ids.shape[-1]
         self.prepare_for_prompt(model, prompt_len)
-        run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, compiled=compiled)
+        run = super().generate(model, input_ids, max_new_tokens, eos_token_ids, forced_tokens, question_ids, compiled)
         # One target forward per decoded token, as the runner records for plain decoding when stats are empty.
         run.stats = {"target_calls": len(run.step_s), **run.stats, "kv_density": self.kv_density(model, prompt_len)}
         return run
 
     def generate_batch(self, model, prompts, max_new_tokens, eos_token_ids=None, question_ids=None, compiled=False):
-        if question_ids is not None:
+        if question_ids is not None and not self.context_only:
             raise ValueError(f"{self.name}: {self.context_only_note}")
         lengths = [ids.shape[-1] for ids in prompts]
         for length in sorted(set(lengths)):
             self.prepare_for_prompt(model, length)
-        run = super().generate_batch(model, prompts, max_new_tokens, eos_token_ids, compiled=compiled)
+        run = super().generate_batch(model, prompts, max_new_tokens, eos_token_ids, question_ids, compiled)
         run.stats = [{"target_calls": len(tokens) - 1, "kv_density": self.kv_density(model, n)} for tokens, n in zip(run.tokens, lengths)]
         return run
 
