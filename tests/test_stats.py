@@ -55,6 +55,7 @@ def test_aggregate_follows_the_registry():
     out = aggregate(rows, [256, 512])
     assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy/ctx256"] == 0.5 and out["accuracy/ctx512"] == 1.0
     assert out["accuracy_ci_low"] < 2 / 3 < out["accuracy_ci_high"]
+    assert out["accuracy/ctx256_ci_low"] < 0.5 < out["accuracy/ctx256_ci_high"]  # each part its own interval
     assert out["relative_accuracy"] == pytest.approx((2 / 3) / (2 / 3))
     assert out["speedup"] == 1.3 and (out["speedup_ci_low"], out["speedup_ci_high"]) == (1.2, 1.4)
     assert out["latency_ms_per_token"] == 20.0 and out["tokens_per_s"] == 50.0

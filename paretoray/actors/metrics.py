@@ -319,4 +319,7 @@ def aggregate(rows: list[Row], lengths: list[int] | None = None) -> dict[str, fl
                 part = metric.aggregate(subset) if subset else None
                 if part is not None:
                     out[f"{metric.name}/{part_name}"] = part
+                    bounds = metric.aggregate.bounds(subset)
+                    if bounds is not None:  # each length's and each suite entry's own interval
+                        out[f"{metric.name}/{part_name}_ci_low"], out[f"{metric.name}/{part_name}_ci_high"] = bounds
     return out
