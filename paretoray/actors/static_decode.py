@@ -101,6 +101,15 @@ class SlotGroup:
         valid = (self.positions >= 0)[:, :, None, :].repeat_interleave(groups, dim=1)  # [B, hq, 1, C]
         return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=valid, scale=scaling, enable_gqa=True)
 
+    def weights(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query's softmax attention over the valid slots in fp32, for groups that evict by it.
+        query: [B, h * groups, 1, D] -> weights [B, h, groups, C], valid [B, h, C]."""
+        batch, heads, _, dim = self.keys.shape
+        q = query.float().view(batch, heads, -1, dim)  # [B, h, groups, D]
+        valid = self.positions >= 0
+        logits = torch.einsum("bhgd,bhcd->bhgc", q, self.keys.float()) * scaling
+        return logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1), valid
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
@@ -185,11 +194,7 @@ class ScoredGroup(SlotGroup):
 
     def attend(self, query, scaling, position):
         out = super().attend(query, scaling, position)
-        batch, heads, _, dim = self.keys.shape
-        q = query.float().view(batch, heads, -1, dim)  # [B, h, groups, D]
-        valid = self.positions >= 0  # [B, h, C]
-        logits = torch.einsum("bhgd,bhcd->bhgc", q, self.keys.float()) * scaling
-        weights = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1)
+        weights, valid = self.weights(query, scaling)
         self.scores += weights.mean(dim=2)  # averaged over the KV head's group of query heads
         protected = ~valid | (self.positions > position.view(-1, 1, 1) - self.recent)
         victim = self.scores.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)  # [B, h, 1]

@@ -71,11 +71,8 @@ class LastAttentionGroup(SlotGroup):
 
     def attend(self, query, scaling, position):
         out = super().attend(query, scaling, position)
-        batch, heads, _, dim = self.keys.shape
-        q = query.float().view(batch, heads, -1, dim)  # [B, h, groups, D]
-        valid = self.positions >= 0  # [B, h, C]
-        logits = torch.einsum("bhgd,bhcd->bhgc", q, self.keys.float()) * scaling
-        weights = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=-1)
+        batch, heads = self.keys.shape[:2]
+        weights, valid = self.weights(query, scaling)  # [B, h, groups, C], [B, h, C]
         scores = weights.mean(dim=(1, 2))[:, None]  # [B, 1, C]: this step's attention, not accumulated
         victim = scores.masked_fill(~valid[:, :1], float("inf")).argmin(dim=-1, keepdim=True)  # [B, 1, 1]
         victim = victim.expand(batch, heads, 1)
