@@ -68,7 +68,7 @@ def test_valid_spec_space(tmp_path):
 @pytest.mark.parametrize(
     "changes,path,expected",
     [
-        ({"techniques__snapkvv": {}}, "techniques.snapkvv", "unknown technique; available: dense"),
+        ({"techniques__snapkvv": {}}, "techniques.snapkvv", "unknown technique; available: adakv, dense"),
         ({"techniques__streaming_llm__windw": 8}, "techniques.streaming_llm.windw", "unknown parameter"),
         ({"techniques__streaming_llm__window": {"low": 64, "high": 8}}, "techniques.streaming_llm.window", "must not exceed"),
         ({"techniques__streaming_llm__window": {"low": 0, "high": 8}}, "techniques.streaming_llm.window.low", "expected >= 1"),
