@@ -93,3 +93,13 @@ def test_a_repeat_left_running_by_a_dead_controller_is_pruned_not_re_asked(tmp_p
     book.reconcile()
     states = [t.state for t in book.study.trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED]  # nothing re-queued (no WAITING trial)
+
+
+def test_a_trial_asked_but_never_suggested_is_pruned_not_re_asked_with_no_parameters(tmp_path):
+    """Killed between `ask` and `suggest`: the trial has no parameters; re-queuing {} would only
+    be proposed afresh, so it is set aside (PRUNED) and nothing is queued."""
+    book = in_memory_book(tmp_path)
+    book.study.tell(book.ask().trial, [1.0, 0.5])
+    book.study.ask()  # the controller dies here
+    book.reconcile()
+    assert [t.state for t in book.study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
