@@ -443,8 +443,10 @@ class SweepBook:
         aside a repeat it was pruning, re-ask the rest."""
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = Trial(self.study, frozen._trial_id)
-            if frozen.user_attrs.get("repeat_of_measured_config") or not frozen.params:
-                # died while setting a repeat aside (`_ask`), or between ask and suggest: nothing was measured
+            technique = frozen.params.get("technique")
+            wanted = {"technique"} | {f"{technique}.{d.name}" for d in self.space.get(technique, []) if d.kind != "fixed"}
+            if frozen.user_attrs.get("repeat_of_measured_config") or set(frozen.params) != wanted:
+                # died setting a repeat aside (`_ask`), or before its parameters were all suggested: nothing ran
                 self.study.tell(trial, state=TrialState.PRUNED)
                 continue
             run = self.recorder.find_trial_run(self.parent, frozen.number)
