@@ -53,7 +53,15 @@ def in_memory_book(tmp_path) -> SweepBook:
     """A book whose study lives in memory (ask and its repeat bookkeeping need no store)."""
     book = SweepBook(spec("random"), resolve_stores(home=str(tmp_path)))
     book.study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(book.spec))
+    book.parent, book.recorder = "parent", NoRuns()
     return book
+
+
+class NoRuns:
+    """A recorder with no trial runs: what MLflow holds for trials that never reached an actor."""
+
+    def find_trial_run(self, parent, number):
+        return None
 
 
 def test_repeated_configurations_are_not_measured_twice(tmp_path):

@@ -443,18 +443,19 @@ class SweepBook:
         aside a repeat it was pruning, re-ask the rest."""
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             trial = Trial(self.study, frozen._trial_id)
+            run = self.recorder.find_trial_run(self.parent, frozen.number)
+            if run is not None and run.info.status in ("FINISHED", "FAILED"):
+                # MLflow holds its result: it ran, whatever the study lacks
+                self._finish(trial, self.recorder.load_record(run.info.run_id), logged_before=True)
+                continue
+            if run is not None:
+                self.recorder.discard_run(run.info.run_id)
             technique = frozen.params.get("technique")
             wanted = {"technique"} | {f"{technique}.{d.name}" for d in self.space.get(technique, []) if d.kind != "fixed"}
             if frozen.user_attrs.get("repeat_of_measured_config") or set(frozen.params) != wanted:
                 # died setting a repeat aside (`_ask`), or before its parameters were all suggested: nothing ran
                 self.study.tell(trial, state=TrialState.PRUNED)
                 continue
-            run = self.recorder.find_trial_run(self.parent, frozen.number)
-            if run is not None and run.info.status in ("FINISHED", "FAILED"):
-                self._finish(trial, self.recorder.load_record(run.info.run_id), logged_before=True)
-                continue
-            if run is not None:
-                self.recorder.discard_run(run.info.run_id)
             trial.set_user_attr("interrupted", True)
             self.study.tell(trial, state=TrialState.FAIL)
             self.study.enqueue_trial(frozen.params, skip_if_exists=False)
