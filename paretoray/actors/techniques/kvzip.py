@@ -66,7 +66,6 @@ from paretoray.actors.techniques.kv_compression import (
     CAPACITY,
     CompressedLayer,
     PromptCompression,
-    attention_weights,
     budget_tokens,
     end_aligned_sdpa,
     gather,
@@ -190,15 +189,18 @@ def chunk_scores(module, hidden_states, position_embeddings, keys: torch.Tensor,
     reference's key set. hidden_states: [B, T, hidden] (the T reconstruction tokens); keys:
     [B, Hkv, L + T, D] (the context, then the reconstruction) -> [B, Hkv, end - start].
     """
-    total = hidden_states.shape[1]
-    subset = torch.cat([keys[:, :, :n_sink], keys[:, :, start:end], keys[:, :, -total:]], dim=2)  # [B, Hkv, S, D]
+    total, span = hidden_states.shape[1], end - start
+    subset = torch.cat([keys[:, :, :n_sink], keys[:, :, start:end], keys[:, :, -total:]], dim=2).float()  # [B, Hkv, S, D]
+    batch, kv_heads, size, _ = subset.shape
     best = None
     for lo in range(0, total, QUERY_CHUNK):
         hi = min(lo + QUERY_CHUNK, total)
-        query = project_queries(module, hidden_states, position_embeddings, lo, hi)  # [B, Hq, hi - lo, D]
-        visible = subset[:, :, : subset.shape[2] - (total - hi)]  # these queries are its last keys
-        weights = attention_weights(query, visible, module.scaling)  # [B, Hkv, groups, hi - lo, S']
-        block = weights[..., n_sink : n_sink + end - start].amax(dim=(2, 3))  # over the group and the queries
+        query = project_queries(module, hidden_states, position_embeddings, lo, hi).float() * module.scaling  # [B, Hq, w, D]
+        query = query.reshape(batch, kv_heads, -1, hi - lo, query.shape[-1])  # [B, Hkv, groups, w, D]
+        logits = torch.einsum("bhgwd,bhld->bhgwl", query, subset[:, :, : size - (total - hi)])  # these queries see their past only
+        own = logits[..., n_sink + span :]  # [.., w, lo + i + 1 visible]: causal among the reconstruction's own keys
+        own.masked_fill_(torch.ones(hi - lo, own.shape[-1], dtype=torch.bool, device=own.device).triu(lo + 1), float("-inf"))
+        block = logits.softmax(dim=-1)[..., n_sink : n_sink + span].amax(dim=(2, 3))  # over the group and the queries
         best = block if best is None else torch.maximum(best, block)
     return best
 
