@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
 
-from paretoray.actors.generation import cache_nbytes, prefill
+from paretoray.actors.generation import cache_nbytes, prefill, with_cache
 from paretoray.actors.techniques import build_technique, reference_technique
-from paretoray.actors.techniques.kvzip import assistant_suffix, ragged_sdpa, _ACTIVE, KVzipLayer
+from paretoray.actors.techniques.kvzip import assistant_suffix
 
 LENGTH, NEW_TOKENS = 160, 6
 
@@ -91,7 +91,7 @@ def compressed_cache(model, technique, ids, question=None):
 
 
 def kept_positions(cache) -> list[list[set[int]]]:
-    return [[set(p[p >= 0].tolist()) for p in layer.positions[0]] for layer in cache.layers]
+    return [[set(layer.head(h)[2].tolist()) for h in range(len(layer.lengths))] for layer in cache.layers]
 
 
 @pytest.mark.parametrize("head_budget,chunk_size", [("global", 48), ("global", 2000), ("layerwise", 48), ("uniform", 64)])
@@ -132,20 +132,69 @@ def test_a_budget_covering_the_context_equals_dense(tiny_model):
         assert run.stats["reconstruction_tokens"] == 0
 
 
-def test_kv_bytes_shrink_to_the_largest_head_of_each_layer(tiny_model):
+def test_kv_bytes_are_the_sum_of_the_heads_own_lengths(tiny_model):
     model, _ = tiny_model
     ids = context(model)
     technique = build_technique("kvzip", {"max_capacity_prompt": 0.25, "chunk_size": 64})
     cache = compressed_cache(model, technique, ids)
     per_entry = 2 * model.config.head_dim * 4  # key + value, float32
     heads = model.config.num_key_value_heads
-    expected = sum(heads * max(len(h) for h in layer) * per_entry for layer in kept_positions(cache))
-    assert cache_nbytes(cache) == expected
-    assert expected < model.config.num_hidden_layers * heads * LENGTH * per_entry
+    lengths = [[len(h) for h in layer] for layer in kept_positions(cache)]
+    expected = per_entry * sum(map(sum, lengths))
+    assert cache_nbytes(cache) == expected == per_entry * round(0.25 * LENGTH) * heads * len(cache.layers)
+    assert sum(map(sum, lengths)) < sum(max(row) * len(row) for row in lengths)  # not padded to the longest head
     dense = reference_technique().generate(model, ids, NEW_TOKENS)
     assert technique.generate(model, ids, NEW_TOKENS).kv_bytes < dense.kv_bytes
     static = technique.static_cache(model, cache, NEW_TOKENS)  # the slots compiled decoding runs on
     assert cache_nbytes(static) == expected + sum(heads * NEW_TOKENS * per_entry for _ in cache.layers) < dense.kv_bytes
+
+
+MASKED = "paretoray_test_kvzip_masked"
+ALLOWED: dict[int, torch.Tensor] = {}  # layer -> [Hq, T, T] bool
+
+
+def masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain eager attention over repeated KV heads, each query head masked by ALLOWED."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = (query.double() @ key.double().transpose(-1, -2)) * scaling
+    probs = logits.masked_fill(~ALLOWED[module.layer_idx], float("-inf")).softmax(dim=-1)
+    return (probs @ value.double()).to(value.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(MASKED, masked_eager)
+
+
+def test_decoding_attends_each_head_over_exactly_its_kept_entries(tiny_model, tiny_model_dir):
+    """After the reconstruction, every forward (a context-only question, then decoded tokens) gives
+    the logits of the whole text run densely with each query head masked, after the context, to its
+    KV head's kept context positions."""
+    model, _ = tiny_model
+    ids, question, continuation = context(model), context(model, 9, seed=3), context(model, 5, seed=4)
+    technique = build_technique("kvzip", {"max_capacity_prompt": 0.25, "chunk_size": 64})
+    with torch.no_grad(), technique.applied(model) as cache:
+        model(ids, **with_cache(model, cache), use_cache=True)
+        logits = [model(question, **with_cache(model, cache), use_cache=True).logits[0]]
+        for token in continuation[0]:
+            logits.append(model(token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[0])
+    kept = kept_positions(cache)
+    full = torch.cat([ids, question, continuation], dim=1)
+    total, q_heads = full.shape[1], model.config.num_attention_heads
+    groups = q_heads // model.config.num_key_value_heads
+    for layer, heads in enumerate(kept):
+        assert all(h - set(range(LENGTH)) == set(range(LENGTH, total)) for h in heads)  # appended to every head
+        allowed = torch.ones(total, total, dtype=torch.bool).tril().repeat(q_heads, 1, 1)
+        for head in range(q_heads):
+            allowed[head, LENGTH:, sorted(set(range(LENGTH)) - heads[head // groups])] = False
+        ALLOWED[layer] = allowed
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    reference.config._attn_implementation = MASKED
+    with torch.no_grad():
+        expected = reference(full).logits[0, LENGTH:]
+        unmasked = model(full).logits[0, LENGTH:]  # no technique installed: dense
+    got = torch.cat(logits)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got - unmasked).abs().max() > 1e-2  # the comparison has teeth
 
 
 def test_the_prefill_time_includes_the_reconstruction(tiny_model):
@@ -167,38 +216,6 @@ def test_the_prefill_time_includes_the_reconstruction(tiny_model):
         sum(r.shape[1] for _, _, r in chunks(tokenizer, x, 4, 64)) for x in (ids, ids[:, :120])]
     assert all(p >= s["reconstruction_s"] for p, s in zip(batch.prefill_s, batch.stats))
     assert set(technique.reports) <= set(run.stats)
-
-
-def test_ragged_attention_is_each_heads_attention_over_its_kept_entries():
-    torch.manual_seed(0)
-    layer = KVzipLayer()
-    batch, heads, groups, length, dim, new = 1, 2, 2, 10, 8, 3
-    keys, values = torch.randn(batch, heads, length, dim), torch.randn(batch, heads, length, dim)
-    layer.update(keys, values)
-    kept = torch.zeros(batch, heads, length, dtype=torch.bool)
-    kept[0, 0, [0, 3, 4, 9]] = True
-    kept[0, 1, [1, 2]] = True
-    layer.keep_ragged(kept)
-    assert layer.keys.shape[-2] == 4 and layer.positions[0, 1].tolist() == [1, 2, -1, -1]
-    new_k, new_v = torch.randn(batch, heads, new, dim), torch.randn(batch, heads, new, dim)
-    stored_k, stored_v = layer.update(new_k, new_v)
-    query = torch.randn(batch, heads * groups, new, dim)
-    module = type("Attention", (), {"layer_idx": 0})()
-    cache = type("Cache", (), {"layers": [layer]})()
-    token = _ACTIVE.set(cache)
-    try:
-        out, _ = ragged_sdpa(module, query, stored_k, stored_v, None, scaling=dim**-0.5)
-    finally:
-        _ACTIVE.reset(token)
-    for h in range(heads):
-        index = kept[0, h].nonzero().flatten()
-        k = torch.cat([keys[0, h, index], new_k[0, h]])
-        v = torch.cat([values[0, h, index], new_v[0, h]])
-        causal = torch.ones(new, len(k), dtype=torch.bool).tril(len(k) - new)
-        for g in range(groups):
-            q = query[0, h * groups + g]
-            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=dim**-0.5)
-            torch.testing.assert_close(out[0, :, h * groups + g], expected)
 
 
 def test_the_suffix_follows_a_chat_template(tiny_model):

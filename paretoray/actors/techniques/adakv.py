@@ -184,6 +184,19 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
 AttentionInterface.register(ATTENTION, ragged_attention)  # no mask function: masks are built here
 
 
+@contextmanager
+def ragged_attention_installed(model: PreTrainedModel, cache: Cache) -> Iterator[None]:
+    """`model` attends through `ragged_attention` over `cache` (its layers `RaggedLayer`s) until exit."""
+    token = _ACTIVE.set(cache)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+        _ACTIVE.reset(token)
+
+
 @dataclass(frozen=True)
 class AdaKVOver(Technique):
     """AdaKV bound to its member for one generation (what `AdaKV` runs; not registered)."""
@@ -224,14 +237,10 @@ class AdaKVOver(Technique):
                 self.compress(module, hidden_states, kwargs.get("position_embeddings"), layer, len(attention_modules))
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules]
-        token = _ACTIVE.set(cache)
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = ATTENTION
         try:
-            yield cache
+            with ragged_attention_installed(model, cache):
+                yield cache
         finally:
-            model.config._attn_implementation = previous
-            _ACTIVE.reset(token)
             for handle in handles:
                 handle.remove()
 

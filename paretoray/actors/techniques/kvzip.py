@@ -24,7 +24,9 @@ the sinks included: `global` keeps the B x layers x KV heads best scores over al
 at once (the reference's default pair-level ratio; kvpress `layerwise=False`), so layers and heads
 keep different numbers; `layerwise` keeps B x KV heads per layer, shared by its heads as the scores
 say (kvpress `layerwise=True`); `uniform` keeps each head's B best (the reference's "uniform" head
-budget). Kept keys keep their original positions.
+budget). Kept keys keep their original positions. Heads keep different numbers of entries, stored at
+their own lengths (AdaKV's packed `RaggedLayer`, no padding: the KV bytes are the sum of the heads'
+lengths, as the reference's flattened varlen layout), and attended head by head.
 
 Cost. The reconstruction forwards run inside the prefill (the first forward's hook runs them), so
 the time to first token includes them: about one more prefill over the context plus the scores.
@@ -33,9 +35,6 @@ Each generation reports `reconstruction_tokens` (tokens fed to reconstruct) and
 synchronized; a part of the prefill's time).
 
 Where this departs from the reference:
-- heads keeping different numbers of entries are stored padded to the layer's largest head (the
-  padding marked empty, position -1, and masked in attention), so the KV bytes reported are
-  layers x KV heads x largest head: more than the reference's flattened varlen layout holds;
 - exactly the budget is kept (top-k, as kvpress), where the original thresholds with a strict `>`
   and may keep fewer on ties; scores are computed in fp32 (the original softmaxes in the model's
   dtype), the queries of a chunk `QUERY_CHUNK` at a time (exact: softmax rows are independent);
@@ -44,7 +43,7 @@ Where this departs from the reference:
   model family); the tokenizer is read from `model.config.name_or_path`, as kvpress does;
 - a context no longer than its budget is not reconstructed (nothing would be evicted);
 - KVzip+'s normalisation (kvpress `kvzip_plus_normalization`) is not offered;
-- it is offered to no composition (`provides` is empty): kv_quant would adopt the padding as entries.
+- it is offered to no composition (`provides` is empty): the packed per-head layers are its own.
 """
 
 from __future__ import annotations
@@ -56,91 +55,30 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from paretoray.actors.generation import timed, with_cache
 from paretoray.actors.techniques.base import param, register
-from paretoray.actors.techniques.kv_compression import (
-    CAPACITY,
-    CompressedLayer,
-    PromptCompression,
-    budget_tokens,
-    end_aligned_sdpa,
-    gather,
-    project_queries,
-)
+from paretoray.actors.techniques.adakv import RaggedLayer, ragged_attention_installed
+from paretoray.actors.techniques.kv_compression import CAPACITY, PromptCompression, budget_tokens, project_queries
 
-ATTENTION = "paretoray_kvzip"
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with "
 PREVIOUS_TAIL = 8  # tokens of the previous chunk quoted in the next chunk's prompt (reference: 8)
 QUERY_CHUNK = 512  # reconstruction queries scored at once: bounds the [chunk x keys] weights
 
-_ACTIVE: ContextVar[Cache | None] = ContextVar("kvzip_cache", default=None)
 _RECORDS: ContextVar[list[dict[str, float]] | None] = ContextVar("kvzip_records", default=None)
 
 
-class KVzipLayer(CompressedLayer):
-    """A compressed layer whose KV heads may keep different numbers of entries: stored padded to
-    the largest, `valid` [B, Hkv, n] False on the padding (None when no head is padded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.valid: torch.Tensor | None = None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.valid is not None:
-            fresh = self.valid.new_ones(*key_states.shape[:2], key_states.shape[-2])
-            self.valid = torch.cat([self.valid, fresh], dim=-1)
-        return keys, values
+class KVzipLayer(RaggedLayer):
+    """AdaKV's packed per-head cache (each KV head at its own length), plus dropping the
+    reconstruction's entries before packing."""
 
     def truncate(self, length: int) -> None:
         """Forget every entry after the first `length` (the reconstruction's own)."""
         self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
-        self.positions = self.positions[..., :length]
         self.seen = length
-
-    def keep_ragged(self, kept: torch.Tensor) -> None:
-        """Keep the entries where `kept` [B, Hkv, L] is True, each head's in text order, padded."""
-        index, valid = ragged_index(kept)
-        self.keys, self.values = gather(self.keys, index), gather(self.values, index)
-        self.positions = self.positions.gather(2, index).masked_fill(~valid, -1)  # -1: an empty slot
-        self.keys.masked_fill_(~valid[..., None], 0)
-        self.values.masked_fill_(~valid[..., None], 0)
-        self.valid = None if bool(valid.all()) else valid
-
-
-def ragged_index(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each head's kept positions first, in text order, cut at the largest head's count.
-
-    kept: [B, H, L] bool -> (index [B, H, n], valid [B, H, n]) with n = the largest count.
-    """
-    n = int(kept.sum(dim=-1).max())
-    index = kept.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :n]
-    return index, kept.gather(-1, index)
-
-
-def ragged_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA over a layer whose heads hold padding: its `valid` entries, causal for the new queries.
-
-    query: [B, Hq, q, D]; key/value: [B, Hkv, kv, D], the q new tokens last.
-    """
-    cache = _ACTIVE.get()
-    layer = cache.layers[module.layer_idx] if cache is not None else None
-    if layer is None or layer.valid is None:
-        return end_aligned_sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    mask = layer.valid[:, :, None, :] & causal  # [B, Hkv, q, kv]
-    mask = mask.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # [B, Hq, q, kv]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION, ragged_sdpa)  # no mask function: transformers builds none
 
 
 def assistant_suffix(tokenizer) -> str:
@@ -231,7 +169,7 @@ class KVzip(PromptCompression):
     n_sink: int = param("int", 4, low=0, high=1024, doc="first context tokens always kept, never reconstructed (kvpress: 4)")
 
     name = "kvzip"
-    provides = ()  # ragged heads are stored padded: an outer technique (kv_quant) would take the padding for entries
+    provides = ()  # its packed per-head layers are its own: no outer technique (kv_quant) reads them
     reports = ("target_calls", "reconstruction_tokens", "reconstruction_s")  # see generate
     examples = {"covers": {}, "compresses": {"max_capacity_prompt": 0.25, "chunk_size": 64},
                 "layerwise": {"max_capacity_prompt": 0.25, "chunk_size": 64, "head_budget": "layerwise"}}
@@ -268,7 +206,9 @@ class KVzip(PromptCompression):
         entries. `scoring` is what the attention hooks read: the chunk, and the scores they fill."""
         batch, length = context.shape
         budget = self.layer_budget(0, len(cache.layers), length)
-        if budget >= length:
+        if budget >= length:  # nothing to evict: every head keeps the whole context
+            for layer in cache.layers:
+                layer.pack(torch.ones(*layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device))
             return {"reconstruction_tokens": 0, "reconstruction_s": 0.0}
         sinks = min(self.n_sink, length)
         heads = cache.layers[0].keys.shape[1]
@@ -286,7 +226,7 @@ class KVzip(PromptCompression):
                 fed += ids.shape[1]
             scoring["chunk"] = None
             for layer, kept in zip(cache.layers, kept_masks(scores, budget, self.head_budget)):
-                layer.keep_ragged(kept)
+                layer.pack(kept)
         return {"reconstruction_tokens": fed, "reconstruction_s": took[0]}
 
     @contextmanager
@@ -305,10 +245,8 @@ class KVzip(PromptCompression):
                 module, hidden_states, kwargs.get("position_embeddings"), layer.keys, scoring["sinks"], start, end)
 
         def after_prefill(module, args, kwargs, output):  # on the model: its first forward is the context
-            if cache.layers[0].compressed:
+            if cache.layers[0].packed:  # every later forward (question, decoding) only appends
                 return
-            for layer in cache.layers:
-                layer.compressed = True  # every later forward (question, decoding) only appends
             context = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
             record = self.compress(model, cache, context, scoring)
             if (records := _RECORDS.get()) is not None:
@@ -316,13 +254,9 @@ class KVzip(PromptCompression):
 
         handles = [layer.self_attn.register_forward_hook(score, with_kwargs=True) for layer in model.model.layers]
         handles.append(model.register_forward_hook(after_prefill, with_kwargs=True))
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = ATTENTION
-        active = _ACTIVE.set(cache)
         try:
-            yield cache
+            with ragged_attention_installed(model, cache):
+                yield cache
         finally:
-            _ACTIVE.reset(active)
-            model.config._attn_implementation = previous
             for handle in handles:
                 handle.remove()
