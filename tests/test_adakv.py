@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from paretoray.actors.declarations import CompositionError, composition_declaration, technique_declarations
 from paretoray.actors.generation import cache_nbytes, greedy_generate, with_cache
 from paretoray.actors.techniques import build_technique, parse_technique
+from tests.masked_reference import causal, masked_logits
 
 WINDOW, KERNEL = 8, 7
 
@@ -177,22 +178,6 @@ def test_physical_kv_bytes_are_the_sum_of_per_head_lengths(tiny_model):
     assert cache_nbytes(static) == entry * (kept + len(cache.layers) * model.config.num_key_value_heads * steps)
 
 
-NAME = "paretoray_test_adakv_masked"
-ALLOWED: dict[int, torch.Tensor] = {}  # layer -> [Hq, T, T] bool
-
-
-def masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain eager attention over repeated KV heads, each query head masked by ALLOWED."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    logits = (query.double() @ key.double().transpose(-1, -2)) * scaling
-    probs = logits.masked_fill(~ALLOWED[module.layer_idx], float("-inf")).softmax(dim=-1)
-    return (probs @ value.double()).to(value.dtype).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(NAME, masked_eager)
-
-
 @pytest.mark.parametrize("split", [None, 112])
 def test_decoding_equals_dense_attention_masked_to_the_kept_positions(tiny_model, eager_model, tiny_model_dir, split):
     """Every forward after the prefill (the decoded tokens; with `split`, first a context-only
@@ -212,21 +197,19 @@ def test_decoding_equals_dense_attention_masked_to_the_kept_positions(tiny_model
     full = torch.cat([ids, continuation], dim=1)
     total = full.shape[1]
     q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
-    reference.config._attn_implementation = NAME
+    allowed = {}
     with torch.no_grad():
         attentions = eager_model(ids[:, :context], output_attentions=True).attentions  # the context alone
         for layer_idx, layer in enumerate(cache.layers):
             kept = adakv_reference(snapkv_scores(attentions[layer_idx][0], kv_heads), context, budget, 0.2)
             assert [s & set(range(context)) for s in head_sets(layer)] == kept
             assert all(s - set(range(context)) == set(range(context, total)) for s in head_sets(layer))
-            allowed = torch.ones(total, total, dtype=torch.bool).tril().repeat(q_heads, 1, 1)
+            allowed[layer_idx] = causal(q_heads, total)
             for head in range(q_heads):
                 dropped = sorted(set(range(context)) - kept[head // (q_heads // kv_heads)])
-                allowed[head, context:, dropped] = False
-            ALLOWED[layer_idx] = allowed
-        expected = reference(full).logits[0, context - 1 :]
+                allowed[layer_idx][head, context:, dropped] = False
         unmasked = eager_model(full).logits[0, context - 1 :]
+    expected = masked_logits(tiny_model_dir, full, allowed)[context - 1 :]
     got = torch.cat(logits)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[0], unmasked[0], atol=1e-4, rtol=1e-4)  # the context's own forward is dense

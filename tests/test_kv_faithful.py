@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from paretoray.actors.generation import greedy_generate, with_cache
 from paretoray.actors.techniques import build_technique
 from paretoray.actors.techniques.streaming_llm import rope_inv_freq, rotate_by
+from tests.masked_reference import causal, masked_logits
 
 
 def prompt(model, length: int, seed: int = 0) -> torch.Tensor:
@@ -159,21 +160,6 @@ def test_snapkv_per_query_head_selects_per_query_head_on_repeated_kv(tiny_model,
         assert any(expected[h] != expected[h + 1] for h in range(0, q_heads, groups))
 
 
-ALLOWED: dict[int, torch.Tensor] = {}  # layer -> [Hq, T, T] bool: the reference's attention pattern
-
-
-def masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain eager attention over repeated KV heads with a per-query-head mask from ALLOWED."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    logits = (query.double() @ key.double().transpose(-1, -2)) * scaling
-    probs = logits.masked_fill(~ALLOWED[module.layer_idx], float("-inf")).softmax(dim=-1)
-    return (probs @ value.double()).to(value.dtype).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("paretoray_test_masked_eager", masked_eager)
-
-
 @pytest.mark.parametrize("gqa", ["per_query_head", "group_mean"])
 def test_snapkv_decoding_matches_a_masked_dense_reference(tiny_model, eager_model, tiny_model_dir, gqa):
     """Decoding with the compressed cache gives the logits of the full sequence run densely with each
@@ -191,20 +177,18 @@ def test_snapkv_decoding_matches_a_masked_dense_reference(tiny_model, eager_mode
     full = torch.cat([ids, continuation], dim=1)
     total = full.shape[1]
     q_heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
-    reference.config._attn_implementation = "paretoray_test_masked_eager"
+    allowed = {}
     with torch.no_grad():
         attentions = eager_model(ids, output_attentions=True).attentions
         for layer_idx in range(model.config.num_hidden_layers):
             prefix = snapkv_kept_prefix(attentions[layer_idx][0], window, kernel, "avgpool", budget, gqa, kv_heads)
-            allowed = torch.ones(total, total, dtype=torch.bool).tril().repeat(q_heads, 1, 1)
+            allowed[layer_idx] = causal(q_heads, total)
             for head in range(q_heads):
                 keep = prefix[head if gqa == "per_query_head" else head // (q_heads // kv_heads)]
                 dropped = [p for p in range(length - window) if p not in keep]
-                allowed[head, length:, dropped] = False
-            ALLOWED[layer_idx] = allowed
-        expected = reference(full).logits[0, length - 1 :]
+                allowed[layer_idx][head, length:, dropped] = False
         unmasked = eager_model(full).logits[0, length - 1 :]
+    expected = masked_logits(tiny_model_dir, full, allowed)[length - 1 :]
     torch.testing.assert_close(torch.stack(logits), expected, atol=1e-4, rtol=1e-4)
     # The comparison has teeth: the first logit (prefill) is dense, the later ones are not.
     torch.testing.assert_close(logits[0], unmasked[0], atol=1e-4, rtol=1e-4)

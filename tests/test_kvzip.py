@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from paretoray.actors.generation import cache_nbytes, prefill, with_cache
 from paretoray.actors.techniques import build_technique, reference_technique
 from paretoray.actors.techniques.kvzip import assistant_suffix
+from tests.masked_reference import causal, masked_logits
 
 LENGTH, NEW_TOKENS = 160, 6
 
@@ -149,22 +149,6 @@ def test_kv_bytes_are_the_sum_of_the_heads_own_lengths(tiny_model):
     assert cache_nbytes(static) == expected + sum(heads * NEW_TOKENS * per_entry for _ in cache.layers) < dense.kv_bytes
 
 
-MASKED = "paretoray_test_kvzip_masked"
-ALLOWED: dict[int, torch.Tensor] = {}  # layer -> [Hq, T, T] bool
-
-
-def masked_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Plain eager attention over repeated KV heads, each query head masked by ALLOWED."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    logits = (query.double() @ key.double().transpose(-1, -2)) * scaling
-    probs = logits.masked_fill(~ALLOWED[module.layer_idx], float("-inf")).softmax(dim=-1)
-    return (probs @ value.double()).to(value.dtype).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(MASKED, masked_eager)
-
-
 def test_decoding_attends_each_head_over_exactly_its_kept_entries(tiny_model, tiny_model_dir):
     """After the reconstruction, every forward (a context-only question, then decoded tokens) gives
     the logits of the whole text run densely with each query head masked, after the context, to its
@@ -181,16 +165,14 @@ def test_decoding_attends_each_head_over_exactly_its_kept_entries(tiny_model, ti
     full = torch.cat([ids, question, continuation], dim=1)
     total, q_heads = full.shape[1], model.config.num_attention_heads
     groups = q_heads // model.config.num_key_value_heads
+    allowed = {}
     for layer, heads in enumerate(kept):
         assert all(h - set(range(LENGTH)) == set(range(LENGTH, total)) for h in heads)  # appended to every head
-        allowed = torch.ones(total, total, dtype=torch.bool).tril().repeat(q_heads, 1, 1)
+        allowed[layer] = causal(q_heads, total)
         for head in range(q_heads):
-            allowed[head, LENGTH:, sorted(set(range(LENGTH)) - heads[head // groups])] = False
-        ALLOWED[layer] = allowed
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
-    reference.config._attn_implementation = MASKED
+            allowed[layer][head, LENGTH:, sorted(set(range(LENGTH)) - heads[head // groups])] = False
+    expected = masked_logits(tiny_model_dir, full, allowed)[LENGTH:]
     with torch.no_grad():
-        expected = reference(full).logits[0, LENGTH:]
         unmasked = model(full).logits[0, LENGTH:]  # no technique installed: dense
     got = torch.cat(logits)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -48,6 +48,18 @@ def with_cache(model: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
     return {_cache_keyword(type(model)): cache}
 
 
+@contextmanager
+def attention_installed(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """`model` attends through the attention function registered as `name` (transformers'
+    `AttentionInterface`) until exit; its own is restored whatever happens."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
 def cache_nbytes(cache: Cache) -> int:
     """KV bytes physically held by a cache (what compression saves), not positions masked out.
     A cache that counts its own (static_decode's slot buffers) is asked, and so is a layer that does."""

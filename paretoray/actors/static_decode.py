@@ -36,15 +36,14 @@ once and attend causally by position, and rolling back is moving the length.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from paretoray.actors.generation import Step, with_cache
+from paretoray.actors.generation import Step, attention_installed, with_cache
 
 ATTENTION = "paretoray_static"
 CACHE_KWARG = "paretoray_static_cache"  # how the attention function finds the cache (transformers forwards it)
@@ -480,14 +479,9 @@ def warmup_watch(device: torch.device) -> Callable[[int], bool]:
     return unmeasured
 
 
-@contextmanager
-def static_attention_installed(model: PreTrainedModel) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
+def static_attention_installed(model: PreTrainedModel):
+    """The static slots' attention installed on `model` for the duration (a context manager)."""
+    return attention_installed(model, ATTENTION)
 
 
 def convert(model: PreTrainedModel, cache: Cache, layer_to_static: Callable, release: bool = False):

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 
 from paretoray.actors.duo_gates import Gates
+from paretoray.actors.generation import attention_installed
 from paretoray.actors.models import model_identity
 from paretoray.actors.tasks.haystack import essay_sentences
 from paretoray.actors.techniques.elastic_attention import kv_heads
@@ -186,12 +187,10 @@ AttentionInterface.register(ATTENTION, mixed_attention)  # no mask function: the
 def mixing(model: PreTrainedModel, gates: torch.Tensor, sinks: int, recent: int) -> Iterator[None]:
     """The model's attention replaced by the gated mixture for the duration."""
     token = _MIXING.set(_Mixing(gates, sinks, recent))
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION
     try:
-        yield
+        with attention_installed(model, ATTENTION):
+            yield
     finally:
-        model.config._attn_implementation = previous
         _MIXING.reset(token)
 
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
+from paretoray.actors.generation import attention_installed
 from paretoray.actors.techniques.base import Technique, build_technique, param, register
 from paretoray.actors.techniques.kv_compression import end_aligned_sdpa
 
@@ -188,12 +189,10 @@ AttentionInterface.register(ATTENTION, ragged_attention)  # no mask function: ma
 def ragged_attention_installed(model: PreTrainedModel, cache: Cache) -> Iterator[None]:
     """`model` attends through `ragged_attention` over `cache` (its layers `RaggedLayer`s) until exit."""
     token = _ACTIVE.set(cache)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION
     try:
-        yield
+        with attention_installed(model, ATTENTION):
+            yield
     finally:
-        model.config._attn_implementation = previous
         _ACTIVE.reset(token)
 
 

@@ -33,6 +33,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
+from paretoray.actors.generation import attention_installed
 from paretoray.actors.techniques.base import Technique
 
 ATTENTION = "paretoray_elastic"
@@ -289,12 +290,10 @@ class ElasticSpans(Technique):
     def applied(self, model: PreTrainedModel) -> Iterator[Cache]:
         cache = self.new_cache(model)
         token = _ACTIVE.set(cache)
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = ATTENTION
         try:
-            yield cache
+            with attention_installed(model, ATTENTION):
+                yield cache
         finally:
-            model.config._attn_implementation = previous
             _ACTIVE.reset(token)
 
 

@@ -32,6 +32,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from paretoray.actors.generation import attention_installed
 from paretoray.actors.techniques.base import Param, Technique
 
 ATTENTION = "paretoray_sdpa"
@@ -233,11 +234,9 @@ class PromptCompression(Technique):
                 self.after_append(module, hidden_states, position_embeddings, layer)
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules]
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = ATTENTION
         try:
-            yield cache
+            with attention_installed(model, ATTENTION):
+                yield cache
         finally:
-            model.config._attn_implementation = previous
             for handle in handles:
                 handle.remove()
