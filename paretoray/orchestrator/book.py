@@ -199,8 +199,14 @@ class _ConditionalGridSampler(optuna.samplers.BruteForceSampler):
         return None
 
 
+def suggested_keys(space: dict[str, list[Dimension]], technique: str | None) -> set[str]:
+    """The study parameters `suggest` sets for `technique`: its choice and its non-fixed dimensions."""
+    return {"technique"} | {f"{technique}.{dim.name}" for dim in space.get(technique, []) if dim.kind != "fixed"}
+
+
 def suggest(trial: Trial, space: dict[str, list[Dimension]]) -> tuple[str, dict[str, Any]]:
-    """Ask the trial for a technique, then for that technique's parameters (a conditional space)."""
+    """Ask the trial for a technique, then for that technique's parameters (a conditional space),
+    each non-fixed one under the key `suggested_keys` names."""
     technique = trial.suggest_categorical("technique", list(space))
     params: dict[str, Any] = {}
     for dim in space[technique]:
@@ -450,9 +456,8 @@ class SweepBook:
                 continue
             if run is not None:
                 self.recorder.discard_run(run.info.run_id)
-            technique = frozen.params.get("technique")
-            wanted = {"technique"} | {f"{technique}.{d.name}" for d in self.space.get(technique, []) if d.kind != "fixed"}
-            if frozen.user_attrs.get("repeat_of_measured_config") or set(frozen.params) != wanted:
+            complete = set(frozen.params) == suggested_keys(self.space, frozen.params.get("technique"))
+            if frozen.user_attrs.get("repeat_of_measured_config") or not complete:
                 # died setting a repeat aside (`_ask`), or before its parameters were all suggested: nothing ran
                 self.study.tell(trial, state=TrialState.PRUNED)
                 continue

@@ -122,6 +122,10 @@ class RaggedLayer(DynamicLayer):
         self.positions = torch.cat(index)
         self.offsets = [0, *accumulate(len(i) for i in index)]
 
+    def pack_whole(self) -> None:
+        """Pack every head whole (nothing evicted): the layer's later forwards append per head."""
+        self.pack(torch.ones(*self.keys.shape[:3], dtype=torch.bool, device=self.keys.device))
+
     def _append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """key/value [1, H, n, D]: n new tokens at the end of every head (one copy of the layer)."""
         n = key.shape[-2]
@@ -165,7 +169,7 @@ class RaggedLayer(DynamicLayer):
         from paretoray.actors.static_decode import StaticLayer, grouped
 
         if not self.packed:  # no multi-token forward yet (a one-token prompt): every head whole
-            self.pack(torch.ones(*self.keys.shape[:3], dtype=torch.bool, device=self.keys.device))
+            self.pack_whole()
         entries = []
         for h in range(len(self.offsets) - 1):
             keys, values, positions = self.head(h)
@@ -216,7 +220,7 @@ class AdaKVOver(Technique):
         length = layer.keys.shape[-2]
         budget = self.member.layer_budget(module.layer_idx, num_layers, length)
         if budget >= length:
-            layer.pack(torch.ones(*layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device))
+            layer.pack_whole()
             return
         scores, protected = self.member.prefill_scores(module, hidden_states, position_embeddings, layer.keys, budget)
         layer.pack(allocate(scores, budget, protected, self.alpha_safeguard))

@@ -212,7 +212,7 @@ class KVzip(PromptCompression):
         budget = self.layer_budget(0, len(cache.layers), length)
         if budget >= length:  # nothing to evict: every head keeps the whole context
             for layer in cache.layers:
-                layer.pack(torch.ones(*layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device))
+                layer.pack_whole()
             return {"reconstruction_tokens": 0, "reconstruction_s": 0.0}
         sinks = min(self.n_sink, length)
         heads = cache.layers[0].keys.shape[1]
